@@ -1,0 +1,142 @@
+"""Swap-in for Hugging Face transformers' ``TimesformerLayer`` (attention_type "divided_space_time").
+
+Matched by class name (any class in the MRO named ``TimesformerLayer``, so wrapper subclasses
+count too) and its ``attention_type``; layers with "space_only" or "joint_space_time" are
+left alone. The fused forward reproduces ``TimesformerLayer.forward``: it takes the same
+arguments and returns the same 1-tuple ``(layer_output,)``. Like the original it uses
+``config.num_frames`` frames and ``config.image_size // config.patch_size`` patches per row,
+the patch height being derived from the token count; token counts the original cannot
+reshape go to the original, which raises its own error.
+
+    temporal: temporal_layernorm -> temporal_attention.attention.qkv -> attention over T
+              -> temporal_attention.output.dense -> drop_path (per clip, patch) -> temporal_dense
+    spatial:  layernorm_before -> attention.attention.qkv -> attention over [cls, N patches]
+              -> attention.output.dense -> drop_path (per clip, frame), cls averaged over frames
+    MLP:      layernorm_after -> intermediate -> output -> drop_path (per clip)
+
+Drop-path masks are drawn with ``torch.rand`` in the same shapes and order as
+``TimesformerDropPath``, so the same seed gives the same outputs. Gradient checkpointing
+(``model.gradient_checkpointing_enable()``) keeps working: the fused layer is checkpointed the
+same way as the original.
+
+Calls the fused path cannot reproduce run the original forward, with a warning once:
+``output_attentions=True`` (the fused kernels keep no probabilities), dropout active in
+training in either attention (``attention_probs_dropout_prob`` or ``hidden_dropout_prob``
+> 0), any extra argument that is not its default (head masks of other versions), or an
+unrecognised drop-path module. The attention's ``scale`` is read at each call.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Optional
+
+import torch
+
+from ._common import active_dropout, divided_block, drop_path_prob, original_forward, warn_once
+
+KIND = "huggingface"
+_CLASS = "TimesformerLayer"
+_PARTS = ("temporal_layernorm", "temporal_attention", "temporal_dense", "layernorm_before", "attention",
+          "layernorm_after", "intermediate", "output", "drop_path", "config")
+
+
+def _attention_type(module) -> Optional[str]:
+    config = getattr(module, "config", None)
+    return getattr(module, "attention_type", getattr(config, "attention_type", None))
+
+
+def matches(module) -> bool:
+    if not any(cls.__name__ == _CLASS for cls in type(module).__mro__):
+        return False
+    if _attention_type(module) != "divided_space_time":
+        return False
+    if getattr(getattr(module, "config", None), "attention_type", "divided_space_time") != "divided_space_time":
+        return False
+    return all(hasattr(module, part) for part in _PARTS)
+
+
+def _fallback_reason(layer, arguments: dict, signature: inspect.Signature, hidden_name: str):
+    """(key, message) of a warned fallback, (None, "") for a silent one (the original raises
+    or must decide), (None, None) when the fused path runs."""
+    for name, value in arguments.items():
+        if name in ("self", hidden_name):
+            continue
+        param = signature.parameters[name]
+        if name == "output_attentions":
+            if value:
+                return ("huggingface:output_attentions",
+                        "timesformer_kernels: TimesformerLayer called with output_attentions=True: the fused "
+                        "kernels keep no attention probabilities, so such calls run the original code")
+        elif param.kind is param.VAR_KEYWORD:
+            if value:
+                return (f"huggingface:kwargs:{','.join(sorted(value))}",
+                        f"timesformer_kernels: TimesformerLayer called with {sorted(value)}: "
+                        "such calls run the original (unfused) code")
+        elif param.kind is param.VAR_POSITIONAL:
+            if value:
+                return ("huggingface:args", "timesformer_kernels: TimesformerLayer called with extra positional "
+                        "arguments: such calls run the original (unfused) code")
+        elif value is not param.default and value is not None:
+            return (f"huggingface:arg:{name}",
+                    f"timesformer_kernels: TimesformerLayer called with {name} (head masks and other extra "
+                    "inputs are not supported by the fused path): such calls run the original (unfused) code")
+    hidden = arguments[hidden_name]
+    config = layer.config
+    frames, image, patch = (getattr(config, a, None) for a in ("num_frames", "image_size", "patch_size"))
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        return None, ""
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (frames, image, patch)):
+        return None, ""  # e.g. a (h, w) image_size, which the original's arithmetic rejects
+    if frames < 1 or patch < 1 or image // patch < 1:
+        return None, ""
+    tokens = hidden.shape[1] - 1
+    width = image // patch
+    height = (tokens // frames) // width
+    if height < 1 or height * width * frames != tokens:
+        return None, ""
+    if active_dropout(layer.temporal_attention, layer.attention):
+        return ("huggingface:dropout",
+                "timesformer_kernels: TimesformerLayer in training with attention_probs_dropout_prob or "
+                "hidden_dropout_prob > 0: dropout inside the attention cannot be reproduced by the fused "
+                "kernels, so these calls run the original code")
+    if drop_path_prob(layer.drop_path) is None:
+        return ("huggingface:drop_path",
+                f"timesformer_kernels: drop-path module {type(layer.drop_path).__name__} is not one the fused "
+                "path reproduces: these calls run the original (unfused) code")
+    return None, None
+
+
+def _fused_layer(layer, hidden: torch.Tensor, backend: str):
+    prob = drop_path_prob(layer.drop_path)
+    ta, sa = layer.temporal_attention, layer.attention
+    temporal = (layer.temporal_layernorm, ta.attention.qkv, ta.output.dense, layer.temporal_dense,
+                ta.attention.num_heads, ta.attention.scale, prob)
+    spatial = (layer.layernorm_before, sa.attention.qkv, sa.output.dense, sa.attention.num_heads,
+               sa.attention.scale, prob)
+    mlp = (layer.layernorm_after, lambda h: layer.output(layer.intermediate(h)), layer.drop_path, prob)
+    return (divided_block(hidden, layer.config.num_frames, temporal, spatial, mlp, backend),)
+
+
+def fused_forward(module, backend: str):
+    signature = inspect.signature(type(module).forward)  # follows functools.wraps to the layer's own
+    hidden_name = list(signature.parameters)[1]
+
+    def forward(self, *args, **kwargs):
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError:
+            return original_forward(self)(*args, **kwargs)  # raises the original's own error
+        bound.apply_defaults()
+        key, message = _fallback_reason(self, bound.arguments, signature, hidden_name)
+        if message is not None:
+            if key is not None:
+                warn_once(key, message)
+            return original_forward(self)(*args, **kwargs)
+        hidden = bound.arguments[hidden_name]
+        # Mirror GradientCheckpointingLayer: the class forward it wraps is bypassed by patching.
+        if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(functools.partial(_fused_layer, self, backend=backend), hidden)
+        return _fused_layer(self, hidden, backend)
+
+    return forward

@@ -1,0 +1,32 @@
+"""Triton kernels of grouped attention over TimeSformer's qkv (see ``layout``).
+
+``temporal.py`` packs many short groups (temporal attention, S <= 128) into one program;
+``spatial.py`` is a flash-style kernel for groups of any length with the cls query and key
+(spatial attention, and temporal attention with T > 128). Both read qkv in place and write
+dq/dk/dv into one gradient in qkv's layout.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..layout import Groups
+from . import spatial, temporal
+
+
+def _short(groups: Groups) -> bool:
+    return not groups.cls_query and groups.seq_len <= temporal.MAX_SEQ
+
+
+def attention_fwd(qkv: torch.Tensor, groups: Groups, scale: float):
+    """Returns (out (B,N·T,D), cls_out (B,G,D) or None, lse (B,N·T,H) fp32, cls_lse (B,G,H) or None)."""
+    if _short(groups):
+        out, lse = temporal.temporal_fwd(qkv, groups, scale)
+        return out, None, lse, None
+    return spatial.spatial_fwd(qkv, groups, scale)
+
+
+def attention_bwd(dout, dcls_out, qkv, out, cls_out, lse, cls_lse, groups: Groups, scale: float):
+    """Returns dqkv, contiguous, shape and dtype of qkv."""
+    if _short(groups):
+        return temporal.temporal_bwd(dout, qkv, out, lse, groups, scale)
+    return spatial.spatial_bwd(dout, dcls_out, qkv, out, cls_out, lse, cls_lse, groups, scale)

@@ -1,0 +1,389 @@
+"""Flash-style Triton attention over groups of any length, read in place from qkv.
+
+Serves spatial attention (S = N patches of a frame, plus the cls token as key and query)
+and temporal attention with T > 128 (S = T, cls as key only, or no cls). Rows of qkv and
+out follow ``layout.py``; nothing is gathered or copied before the kernels run.
+
+The cls token enters as index 0 of a group's key (HAS_CLS_KEY) or query (HAS_CLS_QUERY)
+sequence, handled in one of two ways depending on which side it is on:
+
+* on the side a program tiles (queries in the forward and dQ kernels, keys in the dK/dV
+  kernel) it is row 0 of the first tile: the tile shifts the patches by one, so every
+  tile runs the same code, and 1 + 196 or 1 + 784 rows need no more 64/128 tiles than
+  196 or 784 do;
+* on the side a program loops over it is a seed step with vector ops before the loop,
+  so the loop itself sees only patch rows at affine addresses from one tensor.
+
+Backward recomputes the probabilities from the saved log-sum-exp. dQ and dK/dV are
+separate kernels (each program owns the gradient rows it writes, no atomics). The cls
+token is shared by the G groups of a clip: each program writes its group's share of the
+cls gradient to a small (B, G, 3·H·Dh) buffer, summed over G in torch (deterministic).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..layout import Groups
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+# float32 inputs: three tf32 tensor-core products are about as exact as float32 FMA, which
+# spills heavily on Hopper. fp16/bf16 ignore it.
+DOT_PRECISION: tl.constexpr = tl.constexpr("tf32x3")
+
+
+def _configs(shapes):
+    """Autotune configs (BLOCK_M, BLOCK_N, num_warps, num_stages) for Hopper; the
+    interpreter gets one small config instead, because it autotunes by running every
+    config and 16-row tiles already exercise the multi-tile paths at small N."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        shapes = [(16, 16, 4, 1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+# BLOCK_M: query rows, BLOCK_N: key rows; the tiled side is the one the grid spans.
+_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
+                         (128, 64, 8, 4), (64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4)])
+_BWD_DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3),
+                            (64, 128, 4, 2), (64, 64, 4, 4)])
+# dK/dV holds two fp32 accumulators per key row: 32-query steps keep Dh = 128 from spilling.
+_BWD_DKDV_CONFIGS = _configs([(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (32, 128, 8, 2),
+                              (64, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)])
+# Never the batch size: a new batch must not re-tune or recompile.
+_TUNE_KEY = ["seq_len", "HEAD_DIM", "HAS_CLS_KEY", "HAS_CLS_QUERY"]  # Triton adds the dtypes
+
+
+@triton.jit
+def _group_rows(idx, g_row, pos_stride, base, HAS_CLS: tl.constexpr):
+    """qkv rows (int64) of sequence indices idx of the group whose first patch row is
+    base + g_row; index 0 is the cls token (row 0) when HAS_CLS."""
+    if HAS_CLS:
+        rows = tl.where(idx == 0, 0, base + g_row + (idx - 1) * pos_stride)
+    else:
+        rows = base + g_row + idx * pos_stride
+    return rows.to(tl.int64)
+
+
+@triton.jit
+def _load_rows(ptr, rows, stride_row, col, offs_d, row_ok, HEAD_DIM: tl.constexpr):
+    """(len(rows), BLOCK_D) tile of channels col .. col + HEAD_DIM, zero where masked."""
+    return tl.load(ptr + rows[:, None] * stride_row + (col + offs_d)[None, :],
+                   mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+
+
+@triton.jit
+def _scales(scale, ACC: tl.constexpr):
+    """(scale, scale·log2(e), log2(e)) as ACC scalars. Scores are kept in the log2 domain
+    (exp2 is the hardware exp); a bare float would enter as float32 and cost the float64
+    path (interpreter) its precision."""
+    log2e = tl.full([], LOG2E, ACC)
+    sm_scale = tl.full([], scale, ACC)
+    return sm_scale, sm_scale * log2e, log2e
+
+
+@triton.jit
+def _program_ids(pid, num_tiles, num_heads, num_groups):
+    """Tile index fastest, so the tiles of one (clip, group, head) run together and share
+    the other side's rows in L2; one grid axis because B·G·H exceeds 65535 for long T."""
+    tile = pid % num_tiles
+    bgh = pid // num_tiles
+    h = bgh % num_heads
+    bg = bgh // num_heads
+    return tile, bgh, bg, bg // num_groups, bg % num_groups, h
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _spatial_fwd_kernel(
+    qkv, out, lse, cls_out, cls_lse,
+    stride_qkv_b, stride_qkv_l,
+    num_heads, num_groups, seq_len, group_stride, pos_stride, base, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_CLS_KEY: tl.constexpr,
+    HAS_CLS_QUERY: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One BLOCK_M tile of a group's queries against all its keys (online softmax)."""
+    pid_m, bgh, bg, b, g, h = _program_ids(tl.program_id(0), tl.cdiv(seq_len + HAS_CLS_QUERY, BLOCK_M),
+                                           num_heads, num_groups)
+    hd = num_heads * HEAD_DIM
+    qkv_b = qkv + b.to(tl.int64) * stride_qkv_b
+    g_row = g * group_stride
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_rows = _group_rows(offs_m, g_row, pos_stride, base, HAS_CLS_QUERY)
+    q_ok = offs_m < seq_len + HAS_CLS_QUERY
+    q = _load_rows(qkv_b, q_rows, stride_qkv_l, h * HEAD_DIM, offs_d, q_ok, HEAD_DIM)
+    _, qk_scale, log2e = _scales(scale, ACC)
+
+    if HAS_CLS_KEY:
+        k_cls = tl.load(qkv_b + hd + h * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0).to(ACC)
+        v_cls = tl.load(qkv_b + 2 * hd + h * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0).to(ACC)
+        m_i = tl.sum(q.to(ACC) * k_cls[None, :], axis=1) * qk_scale
+        l_i = tl.full([BLOCK_M], 1.0, ACC)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], ACC) + v_cls[None, :]
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+        l_i = tl.zeros([BLOCK_M], ACC)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+
+    for start_n in range(0, seq_len, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ok = offs_n < seq_len
+        kv_rows = _group_rows(offs_n, g_row, pos_stride, base, False)
+        k = _load_rows(qkv_b, kv_rows, stride_qkv_l, hd + h * HEAD_DIM, offs_d, k_ok, HEAD_DIM)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(ACC) * qk_scale
+        s = tl.where(k_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = _load_rows(qkv_b, kv_rows, stride_qkv_l, 2 * hd + h * HEAD_DIM, offs_d, k_ok, HEAD_DIM)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(ACC)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    row_lse = (m_i + tl.log2(l_i)) / log2e  # natural log, as the contract says
+    is_patch = q_ok & (offs_m >= HAS_CLS_QUERY)
+    out_rows = q_rows - base  # row of out/lse, see layout.py (meaningless for the cls query)
+    num_patches = num_groups * seq_len
+    out_b = out + b.to(tl.int64) * num_patches * hd
+    tl.store(out_b + out_rows[:, None] * hd + (h * HEAD_DIM + offs_d)[None, :], acc.to(out.dtype.element_ty),
+             mask=is_patch[:, None] & (offs_d < HEAD_DIM)[None, :])
+    tl.store(lse + (b.to(tl.int64) * num_patches + out_rows) * num_heads + h, row_lse, mask=is_patch)
+    if HAS_CLS_QUERY:
+        if pid_m == 0:
+            is_cls = offs_m == 0
+            cls_o = tl.sum(tl.where(is_cls[:, None], acc, 0.0), axis=0)
+            tl.store(cls_out + bg.to(tl.int64) * hd + h * HEAD_DIM + offs_d, cls_o.to(cls_out.dtype.element_ty),
+                     mask=offs_d < HEAD_DIM)
+            tl.store(cls_lse + bg.to(tl.int64) * num_heads + h, tl.sum(tl.where(is_cls, row_lse, 0.0), axis=0))
+
+
+@triton.autotune(configs=_BWD_DQ_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _spatial_bwd_dq_kernel(
+    qkv, out, dout, lse, cls_out, dcls_out, cls_lse, dqkv, cls_grad, delta,
+    stride_qkv_b, stride_qkv_l, stride_do_b, stride_do_l, stride_dcls_b, stride_dcls_g,
+    num_heads, num_groups, seq_len, group_stride, pos_stride, base, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_CLS_KEY: tl.constexpr,
+    HAS_CLS_QUERY: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ of one BLOCK_M tile of queries; also saves delta = rowsum(dO·O) for the dK/dV
+    kernel, which runs after it (saves a preprocess launch and a second read of dO)."""
+    num_q = seq_len + HAS_CLS_QUERY
+    pid_m, bgh, bg, b, g, h = _program_ids(tl.program_id(0), tl.cdiv(num_q, BLOCK_M), num_heads, num_groups)
+    hd = num_heads * HEAD_DIM
+    qkv_b = qkv + b.to(tl.int64) * stride_qkv_b
+    g_row = g * group_stride
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_rows = _group_rows(offs_m, g_row, pos_stride, base, HAS_CLS_QUERY)
+    q_ok = offs_m < num_q
+    is_patch = q_ok & (offs_m >= HAS_CLS_QUERY)
+    out_rows = q_rows - base
+    num_patches = num_groups * seq_len
+    q = _load_rows(qkv_b, q_rows, stride_qkv_l, h * HEAD_DIM, offs_d, q_ok, HEAD_DIM)
+    do = _load_rows(dout + b.to(tl.int64) * stride_do_b, out_rows, stride_do_l, h * HEAD_DIM, offs_d, is_patch,
+                    HEAD_DIM).to(q.dtype)
+    o = _load_rows(out + b.to(tl.int64) * num_patches * hd, out_rows, hd, h * HEAD_DIM, offs_d, is_patch,
+                   HEAD_DIM).to(ACC)
+    row_lse = tl.load(lse + (b.to(tl.int64) * num_patches + out_rows) * num_heads + h, mask=is_patch, other=0.0)
+    if HAS_CLS_QUERY:
+        is_cls = offs_m == 0
+        do_cls = tl.load(dcls_out + b.to(tl.int64) * stride_dcls_b + g * stride_dcls_g + h * HEAD_DIM + offs_d,
+                         mask=d_ok, other=0.0).to(q.dtype)
+        o_cls = tl.load(cls_out + bg.to(tl.int64) * hd + h * HEAD_DIM + offs_d, mask=d_ok, other=0.0).to(ACC)
+        do = tl.where(is_cls[:, None], do_cls[None, :], do)
+        o = tl.where(is_cls[:, None], o_cls[None, :], o)
+        row_lse = tl.where(is_cls, tl.load(cls_lse + bg.to(tl.int64) * num_heads + h), row_lse)
+    row_delta = tl.sum(do.to(ACC) * o, axis=1)
+    tl.store(delta + bgh.to(tl.int64) * num_q + offs_m, row_delta, mask=q_ok)
+    sm_scale, qk_scale, log2e = _scales(scale, ACC)
+    lse2 = row_lse * log2e
+
+    if HAS_CLS_KEY:
+        k_cls = tl.load(qkv_b + hd + h * HEAD_DIM + offs_d, mask=d_ok, other=0.0).to(ACC)
+        v_cls = tl.load(qkv_b + 2 * hd + h * HEAD_DIM + offs_d, mask=d_ok, other=0.0).to(ACC)
+        p_cls = tl.exp2(tl.sum(q.to(ACC) * k_cls[None, :], axis=1) * qk_scale - lse2)
+        ds_cls = p_cls * (tl.sum(do.to(ACC) * v_cls[None, :], axis=1) - row_delta)
+        dq = ds_cls[:, None] * k_cls[None, :]
+    else:
+        dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+
+    for start_n in range(0, seq_len, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ok = offs_n < seq_len
+        kv_rows = _group_rows(offs_n, g_row, pos_stride, base, False)
+        k = _load_rows(qkv_b, kv_rows, stride_qkv_l, hd + h * HEAD_DIM, offs_d, k_ok, HEAD_DIM)
+        v = _load_rows(qkv_b, kv_rows, stride_qkv_l, 2 * hd + h * HEAD_DIM, offs_d, k_ok, HEAD_DIM)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(ACC) * qk_scale
+        # Padded keys load as zeros, so their score is 0, not -inf: mask p itself.
+        p = tl.where(k_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION).to(ACC)
+        ds = p * (dp - row_delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION).to(ACC)
+
+    dq = dq * sm_scale
+    dqkv_b = dqkv + b.to(tl.int64) * (num_patches + base) * 3 * hd
+    tl.store(dqkv_b + q_rows[:, None] * (3 * hd) + (h * HEAD_DIM + offs_d)[None, :], dq.to(dqkv.dtype.element_ty),
+             mask=is_patch[:, None] & d_ok[None, :])
+    if HAS_CLS_QUERY:
+        if pid_m == 0:
+            dq_cls = tl.sum(tl.where(is_cls[:, None], dq, 0.0), axis=0)
+            tl.store(cls_grad + bg.to(tl.int64) * 3 * hd + h * HEAD_DIM + offs_d, dq_cls, mask=d_ok)
+
+
+@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _spatial_bwd_dkdv_kernel(
+    qkv, dout, lse, dcls_out, cls_lse, dqkv, cls_grad, delta,
+    stride_qkv_b, stride_qkv_l, stride_do_b, stride_do_l, stride_dcls_b, stride_dcls_g,
+    num_heads, num_groups, seq_len, group_stride, pos_stride, base, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_CLS_KEY: tl.constexpr,
+    HAS_CLS_QUERY: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK and dV of one BLOCK_N tile of a group's keys, looping over all its queries.
+    Works on transposed scores (keys x queries) so both products accumulate without
+    transposing the probabilities."""
+    num_k = seq_len + HAS_CLS_KEY
+    num_q = seq_len + HAS_CLS_QUERY
+    pid_n, bgh, bg, b, g, h = _program_ids(tl.program_id(0), tl.cdiv(num_k, BLOCK_N), num_heads, num_groups)
+    hd = num_heads * HEAD_DIM
+    qkv_b = qkv + b.to(tl.int64) * stride_qkv_b
+    g_row = g * group_stride
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    kv_rows = _group_rows(offs_n, g_row, pos_stride, base, HAS_CLS_KEY)
+    k_ok = offs_n < num_k
+    k = _load_rows(qkv_b, kv_rows, stride_qkv_l, hd + h * HEAD_DIM, offs_d, k_ok, HEAD_DIM)
+    v = _load_rows(qkv_b, kv_rows, stride_qkv_l, 2 * hd + h * HEAD_DIM, offs_d, k_ok, HEAD_DIM)
+    num_patches = num_groups * seq_len
+    delta_g = delta + bgh.to(tl.int64) * num_q
+    sm_scale, qk_scale, log2e = _scales(scale, ACC)
+
+    if HAS_CLS_QUERY:
+        q_cls = tl.load(qkv_b + h * HEAD_DIM + offs_d, mask=d_ok, other=0.0).to(ACC)
+        do_cls = tl.load(dcls_out + b.to(tl.int64) * stride_dcls_b + g * stride_dcls_g + h * HEAD_DIM + offs_d,
+                         mask=d_ok, other=0.0).to(ACC)
+        lse2_cls = tl.load(cls_lse + bg.to(tl.int64) * num_heads + h) * log2e
+        p_cls = tl.exp2(tl.sum(k.to(ACC) * q_cls[None, :], axis=1) * qk_scale - lse2_cls)
+        ds_cls = p_cls * (tl.sum(v.to(ACC) * do_cls[None, :], axis=1) - tl.load(delta_g))
+        dv = p_cls[:, None] * do_cls[None, :]
+        dk = ds_cls[:, None] * q_cls[None, :]
+    else:
+        dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+
+    do_b = dout + b.to(tl.int64) * stride_do_b
+    lse_b = lse + b.to(tl.int64) * num_patches * num_heads + h
+    for start_m in range(0, seq_len, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q_ok = offs_m < seq_len
+        q_rows = _group_rows(offs_m, g_row, pos_stride, base, False)
+        q = _load_rows(qkv_b, q_rows, stride_qkv_l, h * HEAD_DIM, offs_d, q_ok, HEAD_DIM)
+        do = _load_rows(do_b, q_rows - base, stride_do_l, h * HEAD_DIM, offs_d, q_ok, HEAD_DIM).to(q.dtype)
+        # lse = +inf on padded queries zeroes their probabilities without a mask on p.
+        lse2 = tl.load(lse_b + (q_rows - base) * num_heads, mask=q_ok, other=float("inf")) * log2e
+        row_delta = tl.load(delta_g + HAS_CLS_QUERY + offs_m, mask=q_ok, other=0.0)
+        p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION).to(ACC) * qk_scale - lse2[None, :])
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION).to(ACC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION).to(ACC)
+        ds_t = p_t * (dp_t - row_delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION).to(ACC)
+
+    dk = dk * sm_scale
+    is_patch = k_ok & (offs_n >= HAS_CLS_KEY)
+    grad_ptrs = (dqkv + b.to(tl.int64) * (num_patches + base) * 3 * hd + kv_rows[:, None] * (3 * hd)
+                 + (hd + h * HEAD_DIM + offs_d)[None, :])
+    tile_ok = is_patch[:, None] & d_ok[None, :]
+    tl.store(grad_ptrs, dk.to(dqkv.dtype.element_ty), mask=tile_ok)
+    tl.store(grad_ptrs + hd, dv.to(dqkv.dtype.element_ty), mask=tile_ok)
+    if HAS_CLS_KEY:
+        if pid_n == 0:
+            is_cls = (offs_n == 0)[:, None]
+            cls_ptrs = cls_grad + bg.to(tl.int64) * 3 * hd + hd + h * HEAD_DIM + offs_d
+            tl.store(cls_ptrs, tl.sum(tl.where(is_cls, dk, 0.0), axis=0), mask=d_ok)
+            tl.store(cls_ptrs + hd, tl.sum(tl.where(is_cls, dv, 0.0), axis=0), mask=d_ok)
+
+
+def _meta(qkv: torch.Tensor, groups: Groups) -> dict:
+    """Compile-time arguments shared by the three kernels."""
+    hd = groups.num_heads * groups.head_dim
+    assert qkv.shape == (groups.batch, groups.base + groups.num_patches, 3 * hd) and qkv.stride(-1) == 1
+    return dict(
+        HEAD_DIM=groups.head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(groups.head_dim)),
+        HAS_CLS_KEY=int(groups.cls_key),
+        HAS_CLS_QUERY=int(groups.cls_query),
+        ACC=tl.float64 if qkv.dtype == torch.float64 else tl.float32,
+    )
+
+
+def _group_args(groups: Groups, scale: float) -> tuple:
+    return (groups.num_heads, groups.num_groups, groups.seq_len, groups.group_stride, groups.pos_stride,
+            groups.base, scale)
+
+
+def spatial_fwd(qkv: torch.Tensor, groups: Groups, scale: float):
+    """Returns (out (B, N·T, H·Dh), cls_out (B, G, H·Dh) or None, lse (B, N·T, H),
+    cls_lse (B, G, H) or None); lse is the natural log-sum-exp of the scaled scores,
+    float32 (float64 for float64 qkv)."""
+    b, g, h, hd = groups.batch, groups.num_groups, groups.num_heads, groups.num_heads * groups.head_dim
+    stat_dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    out = torch.empty(b, groups.num_patches, hd, dtype=qkv.dtype, device=qkv.device)
+    lse = torch.empty(b, groups.num_patches, h, dtype=stat_dtype, device=qkv.device)
+    cls_out = cls_lse = None
+    if groups.cls_query:
+        cls_out = torch.empty(b, g, hd, dtype=qkv.dtype, device=qkv.device)
+        cls_lse = torch.empty(b, g, h, dtype=stat_dtype, device=qkv.device)
+    num_q = groups.seq_len + int(groups.cls_query)
+
+    def grid(meta):
+        return (triton.cdiv(num_q, meta["BLOCK_M"]) * b * g * h,)
+
+    _spatial_fwd_kernel[grid](
+        qkv, out, lse, out if cls_out is None else cls_out, lse if cls_lse is None else cls_lse,
+        qkv.stride(0), qkv.stride(1), *_group_args(groups, scale), **_meta(qkv, groups))
+    return out, cls_out, lse, cls_lse
+
+
+def spatial_bwd(dout, dcls_out, qkv, out, cls_out, lse, cls_lse, groups: Groups, scale: float) -> torch.Tensor:
+    """dqkv: a new contiguous tensor of qkv's shape and dtype. dcls_out may be None (zero)."""
+    b, g, h, hd = groups.batch, groups.num_groups, groups.num_heads, groups.num_heads * groups.head_dim
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    # A zero dcls_out makes the cls query's softmax contribute nothing to any gradient,
+    # so the backward drops it instead of computing zeros.
+    if dcls_out is None:
+        groups = dataclasses.replace(groups, cls_query=False)
+    elif dcls_out.stride(-1) != 1:
+        dcls_out = dcls_out.contiguous()
+    out, lse = out.contiguous(), lse.contiguous()
+    meta = _meta(qkv, groups)
+    stat_dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    num_q = groups.seq_len + int(groups.cls_query)
+    num_k = groups.seq_len + int(groups.cls_key)
+    delta = torch.empty(b * g * h, num_q, dtype=stat_dtype, device=qkv.device)
+    # Per-group shares of the cls token's gradient, laid out like a qkv row; the parts no
+    # kernel writes (no cls key, or no cls query) stay zero.
+    cls_grad = torch.zeros(b, g, 3 * hd, dtype=stat_dtype, device=qkv.device) if groups.base else delta
+    if groups.cls_query:
+        cls_out, cls_lse = cls_out.contiguous(), cls_lse.contiguous()
+    else:  # placeholders the kernels never touch
+        dcls_out, cls_out, cls_lse = dout, out, lse
+    strides = (qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), dcls_out.stride(0), dcls_out.stride(1))
+    args = _group_args(groups, scale)
+
+    _spatial_bwd_dq_kernel[lambda m: (triton.cdiv(num_q, m["BLOCK_M"]) * b * g * h,)](
+        qkv, out, dout, lse, cls_out, dcls_out, cls_lse, dqkv, cls_grad, delta, *strides, *args, **meta)
+    _spatial_bwd_dkdv_kernel[lambda m: (triton.cdiv(num_k, m["BLOCK_N"]) * b * g * h,)](
+        qkv, dout, lse, dcls_out, cls_lse, dqkv, cls_grad, delta, *strides, *args, **meta)
+    if groups.base:
+        dqkv[:, 0] = cls_grad.sum(1).to(qkv.dtype)
+    return dqkv

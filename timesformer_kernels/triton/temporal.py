@@ -1,0 +1,269 @@
+"""Triton attention over many short groups: temporal attention, S <= MAX_SEQ keys per group.
+
+A temporal group is tiny (S = T = 8 typical) while ``tl.dot`` wants 16+ rows, so one program
+owns a tile of BLOCK_M query rows that holds BLOCK_M // T_PAD whole groups (T_PAD =
+next_pow2(S) rows each, rows p >= S masked). The keys of those groups are the same rows, so
+one BLOCK_M x BLOCK_M ``tl.dot`` scores them all and a block-diagonal mask drops the
+cross-group scores. Only real token rows are loaded or stored: memory traffic is qkv + out
++ lse (+ dout and dqkv backward); the masked arithmetic is cheap next to it, as the op is
+memory-bound. Rows are addressed with ``layout``'s formula (``Groups``), which covers both
+token orders; ``cls_key`` adds row 0 as one more key/value of every group.
+
+Grid: (head blocks, group tiles, batch). A program loops over HEADS heads of its tile, so
+the loads of the next head are pipelined (num_stages) under the maths of the current one,
+while a head-block axis keeps enough programs for every SM at small batch. Head blocks are
+the fastest grid axis: the programs in flight together read disjoint column slices of the
+same rows, so each qkv row is fetched whole, and L2 serves the sectors two heads share when
+head_dim * itemsize is not a multiple of 32 bytes.
+"""
+from __future__ import annotations
+
+import os
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from ..layout import Groups
+
+MAX_SEQ = 128  # groups with seq_len <= MAX_SEQ and no cls query come to this module
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_MIN_TILE = 32  # rows of the smallest tile; also the cls partial-sum granularity (backward)
+# The one launch config under TRITON_INTERPRET=1, where autotuning is very slow; BLOCK_M is
+# raised to T_PAD for longer groups. Tests swap it to cover other tilings on the CPU.
+INTERPRET_CONFIG = {"BLOCK_M": _MIN_TILE, "HEADS": 2}
+
+# H100: a 32-row tile wastes the least masked work at T = 8, larger tiles amortise more per
+# program; 128-row tiles need 8 warps to hold their fp32 (128, 128) score tiles (per ptxas,
+# the bf16 backward with cls_key still spills a little there, the rest does not).
+_CONFIGS = [
+    triton.Config({"BLOCK_M": m, "HEADS": h}, num_warps=w, num_stages=s)
+    for m, w in ((32, 4), (64, 4), (64, 8), (128, 8))
+    for h, s in ((1, 1), (2, 2), (4, 2))
+]
+
+
+def _prune(configs, nargs, **kwargs):
+    """Keeps the tiles that hold at least one whole group (128 rows always qualify)."""
+    t_pad = {**nargs, **kwargs}["T_PAD"]
+    return [c for c in configs if c.kwargs["BLOCK_M"] >= t_pad]
+
+
+def _tuned(fn):
+    # Keyed on the group length, head count and head_dim (tensor dtypes are added by the
+    # autotuner itself), never on batch or group count: no re-tuning per batch size.
+    if _INTERPRET:
+        return fn
+    return triton.autotune(_CONFIGS, key=["S", "H", "HEAD_DIM"],
+                           prune_configs_by={"early_config_prune": _prune})(fn)
+
+
+@triton.jit
+def _tile_rows(pid_m, G, S, base, group_stride, pos_stride, T_PAD: tl.constexpr,
+               BLOCK_M: tl.constexpr):
+    """qkv rows of a tile of whole groups, which of them are real, and the block-diagonal
+    (same group, real key) mask of its scores."""
+    r = tl.arange(0, BLOCK_M)
+    g = pid_m * (BLOCK_M // T_PAD) + r // T_PAD
+    p = r % T_PAD
+    row = base + g * group_stride + p * pos_stride
+    valid = (g < G) & (p < S)
+    key_ok = ((r // T_PAD)[:, None] == (r // T_PAD)[None, :]) & (p < S)[None, :]
+    return row.to(tl.int64), valid, key_ok
+
+
+@triton.jit
+def _scaled(x, scale_hi, scale_lo):
+    """x * scale. Float arguments reach a kernel as fp32, so fp64 adds the rounding residue."""
+    if x.dtype == tl.float64:
+        x = x * scale_hi + x * scale_lo
+    else:
+        x = x * scale_hi
+    return x
+
+
+@_tuned
+@triton.jit
+def _temporal_fwd_kernel(
+    qkv_ptr, out_ptr, lse_ptr,
+    stride_qb, stride_ql, stride_ob, stride_ol, stride_lb, stride_ll,
+    G, S, H, base, group_stride, pos_stride, scale_hi, scale_lo,
+    CLS_KEY: tl.constexpr, HEAD_DIM: tl.constexpr, T_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, HEADS: tl.constexpr,
+):
+    """out and lse of the groups in one tile, for heads [pid0 * HEADS, pid0 * HEADS + HEADS)."""
+    pid_m = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    row, valid, key_ok = _tile_rows(pid_m, G, S, base, group_stride, pos_stride, T_PAD, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    tile_ok = valid[:, None] & d_ok[None, :]
+    D = H * HEAD_DIM
+    clip = qkv_ptr + b * stride_qb
+    qkv_rows = clip + row * stride_ql
+    out_rows = out_ptr + b * stride_ob + (row - base) * stride_ol
+    lse_rows = lse_ptr + b * stride_lb + (row - base) * stride_ll
+    h_begin = tl.program_id(0) * HEADS
+    for h in range(h_begin, tl.minimum(h_begin + HEADS, H)):
+        col = h * HEAD_DIM + d
+        q = tl.load(qkv_rows[:, None] + col[None, :], mask=tile_ok, other=0.0)
+        k = tl.load(qkv_rows[:, None] + (D + col)[None, :], mask=tile_ok, other=0.0)
+        v = tl.load(qkv_rows[:, None] + (2 * D + col)[None, :], mask=tile_ok, other=0.0)
+        s = _scaled(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), scale_hi, scale_lo)
+        s = tl.where(key_ok, s, float("-inf"))
+        m = tl.max(s, axis=1)
+        if CLS_KEY:
+            k_cls = tl.load(clip + D + col, mask=d_ok, other=0.0).to(ACC)
+            v_cls = tl.load(clip + 2 * D + col, mask=d_ok, other=0.0).to(ACC)
+            s_cls = _scaled(tl.sum(q.to(ACC) * k_cls[None, :], axis=1), scale_hi, scale_lo)
+            m = tl.maximum(m, s_cls)
+        p = tl.exp(s - m[:, None])
+        l = tl.sum(p, axis=1)
+        acc = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        if CLS_KEY:
+            p_cls = tl.exp(s_cls - m)
+            l += p_cls
+            acc += p_cls[:, None] * v_cls[None, :]
+        tl.store(out_rows[:, None] + col[None, :], (acc * (1.0 / l)[:, None]).to(v.dtype), mask=tile_ok)
+        tl.store(lse_rows + h, m + tl.log(l), mask=valid)
+
+
+@_tuned
+@triton.jit
+def _temporal_bwd_kernel(
+    qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, dcls_ptr,
+    stride_qb, stride_ql, stride_ob, stride_ol, stride_db, stride_dl,
+    stride_lb, stride_ll, stride_gb, stride_gl,
+    G, S, H, base, group_stride, pos_stride, scale_hi, scale_lo, n_chunks,
+    CLS_KEY: tl.constexpr, HEAD_DIM: tl.constexpr, T_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, CLS_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr, HEADS: tl.constexpr,
+):
+    """dq, dk, dv of the groups in one tile for HEADS heads, from P recomputed with the saved
+    lse; with CLS_KEY also the partial cls dk/dv of each CLS_ROWS-row chunk of the tile."""
+    pid_m = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    row, valid, key_ok = _tile_rows(pid_m, G, S, base, group_stride, pos_stride, T_PAD, BLOCK_M)
+    p_ok = key_ok & valid[:, None]  # also drops the padding query rows from dk and dv
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    tile_ok = valid[:, None] & d_ok[None, :]
+    D = H * HEAD_DIM
+    clip = qkv_ptr + b * stride_qb
+    qkv_rows = clip + row * stride_ql
+    out_rows = out_ptr + b * stride_ob + (row - base) * stride_ol
+    dout_rows = dout_ptr + b * stride_db + (row - base) * stride_dl
+    lse_rows = lse_ptr + b * stride_lb + (row - base) * stride_ll
+    dqkv_rows = dqkv_ptr + b * stride_gb + row * stride_gl
+    tl.static_assert(BLOCK_M % CLS_ROWS == 0)
+    CHUNKS: tl.constexpr = BLOCK_M // CLS_ROWS
+    chunk = pid_m * CHUNKS + tl.arange(0, CHUNKS)
+    dcls_rows = dcls_ptr + (b * n_chunks + chunk) * (2 * D)
+    chunk_ok = (chunk < n_chunks)[:, None] & d_ok[None, :]
+    h_begin = tl.program_id(0) * HEADS
+    for h in range(h_begin, tl.minimum(h_begin + HEADS, H)):
+        col = h * HEAD_DIM + d
+        q = tl.load(qkv_rows[:, None] + col[None, :], mask=tile_ok, other=0.0)
+        k = tl.load(qkv_rows[:, None] + (D + col)[None, :], mask=tile_ok, other=0.0)
+        v = tl.load(qkv_rows[:, None] + (2 * D + col)[None, :], mask=tile_ok, other=0.0)
+        o = tl.load(out_rows[:, None] + col[None, :], mask=tile_ok, other=0.0)
+        do = tl.load(dout_rows[:, None] + col[None, :], mask=tile_ok, other=0.0)
+        lse = tl.load(lse_rows + h, mask=valid, other=0.0)
+        delta = tl.sum(do.to(ACC) * o.to(ACC), axis=1)
+        s = _scaled(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), scale_hi, scale_lo)
+        p = tl.where(p_ok, tl.exp(s - lse[:, None]), 0.0)
+        dv = tl.dot(tl.trans(p.to(v.dtype)), do, input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        dq = tl.dot(ds, k, input_precision=DOT_PRECISION)
+        dk = tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
+        if CLS_KEY:
+            k_cls = tl.load(clip + D + col, mask=d_ok, other=0.0).to(ACC)
+            v_cls = tl.load(clip + 2 * D + col, mask=d_ok, other=0.0).to(ACC)
+            s_cls = _scaled(tl.sum(q.to(ACC) * k_cls[None, :], axis=1), scale_hi, scale_lo)
+            p_cls = tl.where(valid, tl.exp(s_cls - lse), 0.0)
+            ds_cls = p_cls * (tl.sum(do.to(ACC) * v_cls[None, :], axis=1) - delta)
+            dq += ds_cls[:, None] * k_cls[None, :]
+            dk_cls = tl.sum(tl.reshape(ds_cls[:, None] * q.to(ACC), (CHUNKS, CLS_ROWS, BLOCK_D)), axis=1)
+            dv_cls = tl.sum(tl.reshape(p_cls[:, None] * do.to(ACC), (CHUNKS, CLS_ROWS, BLOCK_D)), axis=1)
+            tl.store(dcls_rows[:, None] + col[None, :], _scaled(dk_cls, scale_hi, scale_lo), mask=chunk_ok)
+            tl.store(dcls_rows[:, None] + (D + col)[None, :], dv_cls, mask=chunk_ok)
+        dq = _scaled(dq, scale_hi, scale_lo)
+        dk = _scaled(dk, scale_hi, scale_lo)
+        tl.store(dqkv_rows[:, None] + col[None, :], dq.to(q.dtype), mask=tile_ok)
+        tl.store(dqkv_rows[:, None] + (D + col)[None, :], dk.to(q.dtype), mask=tile_ok)
+        tl.store(dqkv_rows[:, None] + (2 * D + col)[None, :], dv.to(q.dtype), mask=tile_ok)
+
+
+def _common(qkv: torch.Tensor, groups: Groups, scale: float):
+    """Launch arguments shared by both kernels: (row args, constexprs, grid, T_PAD)."""
+    t_pad = triton.next_power_of_2(groups.seq_len)
+    hi = struct.unpack("f", struct.pack("f", scale))[0]  # scale rounded to fp32
+    args = (groups.num_groups, groups.seq_len, groups.num_heads, groups.base,
+            groups.group_stride, groups.pos_stride, hi, scale - hi)
+    consts = dict(
+        CLS_KEY=groups.cls_key, HEAD_DIM=groups.head_dim, T_PAD=t_pad,
+        BLOCK_D=max(16, triton.next_power_of_2(groups.head_dim)),
+        ACC=tl.float64 if qkv.dtype == torch.float64 else tl.float32,
+        # fp32 as three TF32 MMAs keeps fp32 accuracy on tensor cores; a plain fp32 dot runs
+        # on the FMA units and spills its tiles. Moot for 16-bit inputs.
+        DOT_PRECISION="tf32x3" if qkv.dtype == torch.float32 else "ieee",
+    )
+    if _INTERPRET:
+        consts.update(BLOCK_M=max(INTERPRET_CONFIG["BLOCK_M"], t_pad), HEADS=INTERPRET_CONFIG["HEADS"])
+
+    def grid(meta):
+        return (triton.cdiv(groups.num_heads, meta["HEADS"]),
+                triton.cdiv(groups.num_groups, meta["BLOCK_M"] // t_pad), groups.batch)
+
+    return args, consts, grid, t_pad
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def temporal_fwd(qkv: torch.Tensor, groups: Groups, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (B, N·T, H·Dh) contiguous, dtype of qkv; lse (B, N·T, H) float32 (float64 for fp64
+    input), the natural log-sum-exp of each query row's scaled scores."""
+    assert not groups.cls_query and groups.seq_len <= MAX_SEQ and qkv.stride(-1) == 1
+    bsz, rows, dim = qkv.shape[0], groups.num_patches, groups.num_heads * groups.head_dim
+    acc_dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    out = torch.empty((bsz, rows, dim), dtype=qkv.dtype, device=qkv.device)
+    lse = torch.empty((bsz, rows, groups.num_heads), dtype=acc_dtype, device=qkv.device)
+    args, consts, grid, _ = _common(qkv, groups, scale)
+    _temporal_fwd_kernel[grid](
+        qkv, out, lse, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
+        lse.stride(0), lse.stride(1), *args, **consts)
+    return out, lse
+
+
+def temporal_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                 groups: Groups, scale: float) -> torch.Tensor:
+    """dqkv: a new contiguous tensor of qkv's shape and dtype, in qkv's layout (q|k|v)."""
+    assert not groups.cls_query and groups.seq_len <= MAX_SEQ and qkv.stride(-1) == 1
+    dout, out = _unit_last(dout), _unit_last(out)
+    assert lse.stride(-1) == 1
+    bsz, dim = qkv.shape[0], groups.num_heads * groups.head_dim
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    args, consts, grid, t_pad = _common(qkv, groups, scale)
+    # The cls key/value of a clip gets gradient from all G groups. Without atomics (and so
+    # deterministically), each program writes one fp32 (fp64) partial dk/dv per chunk of
+    # CLS_ROWS rows of its tile, and torch sums the chunks below in a fixed order. Chunks
+    # of the smallest tile keep this buffer independent of the autotuned BLOCK_M.
+    cls_rows = max(_MIN_TILE, t_pad)
+    n_chunks = triton.cdiv(groups.num_groups, cls_rows // t_pad) if groups.cls_key else 0
+    dcls = torch.empty((bsz, n_chunks, 2, dim), dtype=lse.dtype, device=qkv.device)
+    _temporal_bwd_kernel[grid](
+        qkv, out, dout, lse, dqkv, dcls if groups.cls_key else dqkv,
+        qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), dout.stride(0),
+        dout.stride(1), lse.stride(0), lse.stride(1), dqkv.stride(0), dqkv.stride(1),
+        *args, n_chunks, CLS_ROWS=cls_rows, **consts)
+    if groups.base:  # row 0, the cls token: its query takes no part in these groups
+        dqkv[:, 0].zero_()
+        if groups.cls_key:
+            dqkv[:, 0, dim:] = dcls.sum(1).flatten(1)
+    dqkv[:, groups.base + groups.num_patches:].zero_()  # rows of no group (a ragged tail)
+    return dqkv
