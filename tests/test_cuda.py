@@ -165,7 +165,6 @@ def test_why_not_on_cpu():
     assert any("dtype" in r for r in reasons)
     qkv32, g32 = _temporal_case(dh=32)
     assert any("head_dim 32" in r for r in tk_cuda.why_not(qkv32, g32))
-    assert tk_cuda.why_not("not a tensor", g)[-1].startswith("qkv must be a torch.Tensor")
     assert tk_cuda.SUPPORTED_HEAD_DIMS == (64, 128)
     assert set(tk_cuda.SUPPORTED_DTYPES) == set(DTYPES)
 

@@ -152,7 +152,7 @@ def test_all_equal_keys(op, with_cls, backend, dtype):
         total, count = total + v[:, :1], count + 1
     mean = (total / count).unsqueeze(2).expand_as(groups)
     want = (mean.transpose(1, 2) if op == "spatial" else mean).reshape(b, n * t, h * dh)
-    torch.testing.assert_close(outs[0].double(), want, atol=tol, rtol=tol)
+    torch.testing.assert_close(outs[0].double().cpu(), want, atol=tol, rtol=tol)
     dq_q = dq.double().reshape(b, length, 3, h, dh)[:, :, 0]
     vanish = {torch.float32: 1e-6, torch.float16: 2e-3}[dtype] * dq.abs().max().item()
     assert dq_q.abs().max().item() <= vanish, "d(q) must vanish when all keys are equal"
@@ -173,7 +173,7 @@ def test_scale_zero_is_uniform_attention(op, with_cls, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_single_frame_temporal_is_identity(backend, dtype):
     """T = 1 without cls: each group is one token, so out == v exactly, d(v) == d(out) and
-    d(q) == d(k) == 0, even with logits far beyond exp's range."""
+    d(q), d(k) ~ 0, even with logits far beyond exp's range."""
     b, n, h, dh = 2, 6, 2, 16
     x = torch.randn(b, n, 3, h, dh, generator=_gen(4), dtype=torch.float64)
     x[:, :, :2] *= 300.0  # q.k * Dh^-0.5 ~ 2e4
@@ -181,12 +181,15 @@ def test_single_frame_temporal_is_identity(backend, dtype):
     for order in ("space_major", "time_major"):
         out = tk.temporal_attention(qkv, 1, h, token_order=order, backend=backend)
         v = qkv.detach().unflatten(-1, (3, h * dh))[:, :, 2]
-        assert torch.equal(out, v), f"{order}: max diff {(out - v).abs().max()}"
+        # Bit-exact with IEEE dots; a GPU's fp32 tl.dot (tf32x3) carries v's low bits only to ~2^-22.
+        exact = DEVICE == "cpu" or dtype != torch.float32
+        same = dict(atol=0, rtol=0) if exact else dict(atol=1e-30, rtol=2e-6)
+        torch.testing.assert_close(out, v, **same, msg=lambda m: f"{order}: out != v: {m}")
         dout = torch.randn(out.shape, generator=_gen(5), dtype=torch.float64).to(DEVICE, dtype)
         (dq,) = torch.autograd.grad(out, qkv, dout)
         dq = dq.unflatten(-1, (3, h * dh))
         assert torch.isfinite(dq).all()
-        assert torch.equal(dq[:, :, 2], dout)
+        torch.testing.assert_close(dq[:, :, 2], dout, **same, msg=lambda m: f"{order}: d(v) != d(out): {m}")
         assert dq[:, :, :2].abs().max().item() <= 1e-3 * (1 if dtype == torch.float32 else 10)
 
 

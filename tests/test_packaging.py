@@ -79,7 +79,10 @@ def dists(tmp_path_factory):
                  "print(getattr(b, sys.argv[1])(sys.argv[2]))")
         name = _run([sys.executable, "-c", hooks, "build_sdist", str(out)], env=env, cwd=src).stdout.split()[-1]
         with tarfile.open(out / name) as tar:
-            tar.extractall(tmp / "unpacked", filter="data")
+            try:
+                tar.extractall(tmp / "unpacked", filter="data")
+            except TypeError:  # Python < 3.10.12 / 3.11.4: no extraction filters
+                tar.extractall(tmp / "unpacked")
         unpacked = next((tmp / "unpacked").iterdir())
         _run([sys.executable, "-c", hooks, "build_wheel", str(out)], env=env, cwd=unpacked)
     sdists, wheels = sorted(out.glob("*.tar.gz")), sorted(out.glob("*.whl"))

@@ -106,11 +106,11 @@ def check_against_reference(p, backend, dtype):
         assert o.shape == r.shape and o.dtype == dtype, (i, o.shape, r.shape, o.dtype)
         torch.testing.assert_close(o.double(), r, atol=tol, rtol=tol, msg=lambda m: f"output {i}: {m}")
     g = torch.Generator().manual_seed(p["seed"] + 1)
-    grads = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in refs]
-    (dq,) = torch.autograd.grad(outs, leaf, [gr.to(DEVICE, dtype) for gr in grads])
+    grads = [torch.randn(r.shape, generator=g, dtype=torch.float64).to(DEVICE) for r in refs]
+    (dq,) = torch.autograd.grad(outs, leaf, [gr.to(dtype) for gr in grads])
     (dref,) = torch.autograd.grad(refs, ref_leaf, grads)
     assert dq.shape == leaf.shape and dq.dtype == dtype
-    torch.testing.assert_close(dq.double(), dref.to(dq.device), atol=tol, rtol=tol, msg=lambda m: f"dqkv: {m}")
+    torch.testing.assert_close(dq.double(), dref, atol=tol, rtol=tol, msg=lambda m: f"dqkv: {m}")
 
 
 # ------------------------------------------------------------- matches the reference

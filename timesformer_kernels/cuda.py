@@ -57,13 +57,12 @@ def _built_for(capability: tuple[int, int]) -> bool:
 
 
 def why_not(qkv, groups: Groups) -> list[str]:
-    """Reasons this backend cannot run ``qkv`` with ``groups`` (empty when it can)."""
+    """Reasons this backend cannot run ``qkv`` with ``groups`` (empty when it can); the shape
+    checks shared by every backend have already run (``validation``)."""
     reasons = []
     if not available():
         reasons.append(f"the CUDA extension timesformer_kernels._C is not built or does not import "
                        f"({_load_error}); {build_hint}")
-    if not isinstance(qkv, torch.Tensor):
-        return reasons + [f"qkv must be a torch.Tensor, got {type(qkv).__name__}"]
     if qkv.device.type != "cuda":
         reasons.append(f"qkv is on {qkv.device}, the CUDA backend needs a CUDA tensor")
     elif not _built_for(torch.cuda.get_device_capability(qkv.device)):
@@ -74,14 +73,6 @@ def why_not(qkv, groups: Groups) -> list[str]:
         reasons.append(f"dtype {qkv.dtype} is not supported (float16, bfloat16, float32)")
     if groups.head_dim not in SUPPORTED_HEAD_DIMS:
         reasons.append(f"head_dim {groups.head_dim} is not supported (64 or 128)")
-    if qkv.dim() != 3:
-        reasons.append(f"qkv must have rank 3, got shape {tuple(qkv.shape)}")
-    else:
-        if qkv.shape[-1] != 3 * groups.num_heads * groups.head_dim:
-            reasons.append(f"qkv's last dim {qkv.shape[-1]} != 3*num_heads*head_dim = "
-                           f"{3 * groups.num_heads * groups.head_dim}")
-        if qkv.stride(-1) != 1:
-            reasons.append(f"qkv's last dim must have unit stride, got strides {qkv.stride()}")
     return reasons
 
 

@@ -46,7 +46,8 @@ def _spatial(qkv: Tensor, num_frames: int, num_heads: int, token_order: str) -> 
 def _autocast(qkv: Tensor) -> Tensor:
     """Inside an autocast region the ops run in its dtype (softmax stays fp32), like SDPA."""
     kind = qkv.device.type
-    if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind) and qkv.is_floating_point():
+    if (kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind) and qkv.is_floating_point()
+            and qkv.dtype != torch.float64):  # float64 is not autocast-eligible, as in torch
         return qkv.to(torch.get_autocast_dtype(kind))
     return qkv
 
