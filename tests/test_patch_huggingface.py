@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import timesformer_kernels as tk
-from timesformer_kernels.integrations import _common, official, patch_summary
+from timesformer_kernels.integrations import _common, patch_summary
 
 transformers = pytest.importorskip("transformers")
 from transformers import TimesformerConfig, TimesformerForVideoClassification, TimesformerModel  # noqa: E402
@@ -18,24 +18,7 @@ IMAGE, PATCH = 24, 8  # config: 3 patches per row
 PIXELS = (16, 24)  # input height, width: a 2 x 3 patch grid, N = 6 (non-square)
 
 
-@pytest.fixture(autouse=True)
-def fresh_warnings(monkeypatch):
-    """warn_once warns once per process: start every test with none emitted yet."""
-    monkeypatch.setattr(_common, "_warned", set())
-
-
-@pytest.fixture
-def fused_calls(monkeypatch):
-    """Counts the fused temporal branches run (one per layer call)."""
-    calls = []
-    inner = _common.temporal_residual
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return inner(*args, **kwargs)
-
-    monkeypatch.setattr(_common, "temporal_residual", counting)
-    return calls
+pytestmark = pytest.mark.usefixtures("fresh_warnings")
 
 
 def make_config(frames=3, drop_path=0.0, **kwargs):

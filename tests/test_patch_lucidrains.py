@@ -3,39 +3,20 @@ time and space attention of every layer, rotary embeddings, token shift, the pad
 (falls back in time attention), dropout on to_out."""
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import timesformer_kernels as tk
-from timesformer_kernels.integrations import _common, lucidrains, patch_summary
+from timesformer_kernels.integrations import lucidrains, patch_summary
 
 timesformer_pytorch = pytest.importorskip("timesformer_pytorch")
 TimeSformer = timesformer_pytorch.TimeSformer
 TOL = dict(atol=2e-4, rtol=2e-4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: intra-op threads only add overhead (and contend on a busy CI box)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture
-def fallback_warnings():
-    """Forget the warn-once keys of this family so each test sees its own first warning;
-    yields a function returning the fallback warnings emitted so far."""
-    for key in [k for k in _common._warned if k.startswith("lucidrains")]:
-        _common._warned.discard(key)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        # the messages of this package's fallback warnings (others, e.g. deprecations, ignored)
-        yield lambda: [str(w.message) for w in caught if str(w.message).startswith("timesformer_kernels")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(t, dim=32, heads=2, dim_head=16, depth=2, seed=0, **kw):

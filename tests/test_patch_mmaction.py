@@ -4,7 +4,6 @@ way mmaction2's TimeSformer backbone stacks them (mmcv BaseTransformerLayer with
 operation_order ('self_attn', 'self_attn', 'ffn'))."""
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from torch import nn
 from mmaction_loader import load_mmaction_transformer, mmaction_available
 
 import timesformer_kernels as tk
-from timesformer_kernels.integrations import _common, mmaction, patch_summary
+from timesformer_kernels.integrations import mmaction, patch_summary
 
 if not mmaction_available():
     pytest.skip("mmaction2 transformer.py cannot be loaded (see tests/mmaction_loader.py)", allow_module_level=True)
@@ -74,25 +73,7 @@ def tokens(t, n, dim=32, b=2, seed=2):
     return torch.randn(b, 1 + n * t, dim)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: intra-op threads only add overhead (and contend on a busy CI box)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture
-def fallback_warnings():
-    """Forget the warn-once keys of this family so each test sees its own first warning;
-    yields a function returning the fallback warnings emitted so far."""
-    for key in [k for k in _common._warned if k.startswith("mmaction")]:
-        _common._warned.discard(key)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        # the messages of this package's fallback warnings (others, e.g. deprecations, ignored)
-        yield lambda: [str(w.message) for w in caught if str(w.message).startswith("timesformer_kernels")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_loaded_file_by_file_and_matched_by_name():

@@ -15,24 +15,7 @@ TOL = dict(atol=2e-4, rtol=2e-4)
 HEIGHT, WIDTH = 2, 3  # a non-square patch grid: N = 6
 
 
-@pytest.fixture(autouse=True)
-def fresh_warnings(monkeypatch):
-    """warn_once warns once per process: start every test with none emitted yet."""
-    monkeypatch.setattr(_common, "_warned", set())
-
-
-@pytest.fixture
-def fused_calls(monkeypatch):
-    """Counts the fused temporal branches run (one per block call)."""
-    calls = []
-    inner = _common.temporal_residual
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return inner(*args, **kwargs)
-
-    monkeypatch.setattr(_common, "temporal_residual", counting)
-    return calls
+pytestmark = pytest.mark.usefixtures("fresh_warnings")
 
 
 def make_model(seed=0, **kwargs):
