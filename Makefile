@@ -6,8 +6,11 @@ PY = $$(bash scripts/bootstrap.sh | tail -n 1)
 demo:  ## swap the fused attention into a Hugging Face TimeSformer, check it matches, time it
 	py=$(PY) && $$py examples/demo.py
 
-test:  ## the whole test suite (Triton under its CPU interpreter when there is no GPU)
-	py=$(PY) && $$py -m pytest tests -q
+# The suite runs twice on a GPU machine: the device-independent tests with the GPU hidden,
+# exactly as in CI (Triton under its CPU interpreter), then the tests marked gpu on the GPU.
+test:  ## the whole test suite
+	py=$(PY) && CUDA_VISIBLE_DEVICES= $$py -m pytest tests -q -m "not gpu" && \
+	if $$py -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then $$py -m pytest tests -q -m gpu; fi
 
 gpu:  ## on a GPU machine: build, GPU tests and the full benchmark, results under $$OUT
 	bash benchmarks/gpu.sh

@@ -130,7 +130,8 @@ EOF
     stage "the other tests (pytest -m 'not gpu and not slow')"
     cap=$(( $(left) - 5 ))
     if [ $cap -gt 20 ]; then
-      timeout $cap $PY -m pytest tests -m "not gpu and not slow" -q --benchmark-disable -p no:cacheprovider
+      # with the GPU hidden, exactly as in CI: Triton under its interpreter on CPU tensors
+      CUDA_VISIBLE_DEVICES= timeout $cap $PY -m pytest tests -m "not gpu and not slow" -q --benchmark-disable -p no:cacheprovider
       rc=$?; [ $rc = 124 ] && echo "TESTS STOPPED after ${cap}s (time budget)"; echo "pytest (not gpu): rc $rc"
     else
       echo "other tests skipped: only $(left)s left"

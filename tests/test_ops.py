@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import timesformer_kernels as tk
+import timesformer_kernels.cuda  # noqa: F401  (tk.cuda.available)
 from reference import ref_spatial_attention, ref_temporal_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -155,3 +156,42 @@ def test_auto_picks_torch_on_cpu(monkeypatch):
     tk.temporal_attention(qkv, 2, 1, with_cls=True)
     tk.spatial_attention(qkv, 2, 1)
     assert len(calls) == 2
+
+
+def _errors(fn, qkv, refs, grads):
+    """Max abs error of each output and of d(qkv) of ``fn`` against fp64 reference values."""
+    x = qkv.detach().requires_grad_(True)
+    outs = fn(x)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    (dq,) = torch.autograd.grad(outs, x, [g.to(o.dtype) for g, o in zip(grads, outs)])
+    return [(o.double() - r).abs().max().item() for o, r in zip(outs, refs)] + \
+        [(dq.double() - refs[-1]).abs().max().item()]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("op", ["temporal", "spatial"])
+def test_public_ops_on_gpu(op, backend, dtype):
+    """TimeSformer-base-like shapes in half precision: the kernel's error against the fp64
+    reference is at most twice that of the plain PyTorch path in the same dtype (+ eps)."""
+    if backend == "cuda" and not tk.cuda.available():
+        pytest.skip("the CUDA extension is not built")
+    b, t, n, h, dh = 2, 8, 196, 12, 64
+    qkv = make_qkv(b, 1 + n * t, h, dh, dtype, "wide")
+    if op == "temporal":
+        fn = lambda x, be: tk.temporal_attention(x[:, 1:], t, h, backend=be)  # noqa: E731
+        ref_fn = lambda x: ref_temporal_attention(x[:, 1:], t, h)  # noqa: E731
+    else:
+        fn = lambda x, be: tk.spatial_attention(x, t, h, backend=be)  # noqa: E731
+        ref_fn = ref_spatial_attention
+    x64 = qkv.detach().double().requires_grad_(True)
+    refs = ref_fn(x64)
+    refs = refs if isinstance(refs, tuple) else (refs,)
+    grads = [torch.randn_like(r) for r in refs]
+    (dref,) = torch.autograd.grad(refs, x64, grads)
+    refs = [r.detach() for r in refs] + [dref]
+    ours = _errors(lambda x: fn(x, backend), qkv, refs, grads)
+    torch_path = _errors(lambda x: fn(x, "torch"), qkv, refs, grads)
+    for i, (e, e_torch) in enumerate(zip(ours, torch_path)):
+        assert e <= 2 * e_torch + 1e-3, f"output {i}: error {e:.3g} vs torch's {e_torch:.3g}"

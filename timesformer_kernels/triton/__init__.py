@@ -7,10 +7,17 @@ dq/dk/dv into one gradient in qkv's layout.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..layout import Groups
 from . import spatial, temporal
+
+
+def _on_device(qkv: torch.Tensor):
+    """Triton launches on the current CUDA device: make it qkv's (a no-op on CPU)."""
+    return torch.cuda.device(qkv.device) if qkv.is_cuda else contextlib.nullcontext()
 
 
 def _short(groups: Groups) -> bool:
@@ -19,14 +26,16 @@ def _short(groups: Groups) -> bool:
 
 def attention_fwd(qkv: torch.Tensor, groups: Groups, scale: float):
     """Returns (out (B,N·T,D), cls_out (B,G,D) or None, lse (B,N·T,H) fp32, cls_lse (B,G,H) or None)."""
-    if _short(groups):
-        out, lse = temporal.temporal_fwd(qkv, groups, scale)
-        return out, None, lse, None
-    return spatial.spatial_fwd(qkv, groups, scale)
+    with _on_device(qkv):
+        if _short(groups):
+            out, lse = temporal.temporal_fwd(qkv, groups, scale)
+            return out, None, lse, None
+        return spatial.spatial_fwd(qkv, groups, scale)
 
 
 def attention_bwd(dout, dcls_out, qkv, out, cls_out, lse, cls_lse, groups: Groups, scale: float):
     """Returns dqkv, contiguous, shape and dtype of qkv."""
-    if _short(groups):
-        return temporal.temporal_bwd(dout, qkv, out, lse, groups, scale)
-    return spatial.spatial_bwd(dout, dcls_out, qkv, out, cls_out, lse, cls_lse, groups, scale)
+    with _on_device(qkv):
+        if _short(groups):
+            return temporal.temporal_bwd(dout, qkv, out, lse, groups, scale)
+        return spatial.spatial_bwd(dout, dcls_out, qkv, out, cls_out, lse, cls_lse, groups, scale)
