@@ -84,7 +84,7 @@ __device__ __forceinline__ int64_t stat_offset(const AttnParams& p, const TokenR
 // ---------------------------------------------------------------------------------------------
 
 template <typename T>
-struct Vec16;
+struct Vec16;  // below: float, and the 16-bit types
 
 template <>
 struct Vec16<float> {
@@ -100,41 +100,33 @@ struct Vec16<float> {
   }
 };
 
+// The two 16-bit types differ only in their pair type and its conversions.
+template <typename T>
+struct Pair16;
 template <>
-struct Vec16<__half> {
-  static constexpr int kN = 8;
-  static __device__ __forceinline__ void to_float(const uint4& v, float* f) {
-    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      __half2 h;
-      __builtin_memcpy(&h, &w[i], 4);
-      const float2 x = __half22float2(h);
-      f[2 * i] = x.x;
-      f[2 * i + 1] = x.y;
-    }
-  }
-  static __device__ __forceinline__ uint4 from_float(const float* f) {
-    uint32_t w[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const __half2 h = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
-      __builtin_memcpy(&w[i], &h, 4);
-    }
-    return make_uint4(w[0], w[1], w[2], w[3]);
-  }
+struct Pair16<__half> {
+  using type = __half2;
+  static __device__ __forceinline__ float2 to_float2(const type& h) { return __half22float2(h); }
+  static __device__ __forceinline__ type from_floats(float a, float b) { return __floats2half2_rn(a, b); }
+};
+template <>
+struct Pair16<__nv_bfloat16> {
+  using type = __nv_bfloat162;
+  static __device__ __forceinline__ float2 to_float2(const type& h) { return __bfloat1622float2(h); }
+  static __device__ __forceinline__ type from_floats(float a, float b) { return __floats2bfloat162_rn(a, b); }
 };
 
-template <>
-struct Vec16<__nv_bfloat16> {
+template <typename T>
+struct Vec16 {  // __half and __nv_bfloat16: four pairs per 16 bytes
   static constexpr int kN = 8;
+  using P = Pair16<T>;
   static __device__ __forceinline__ void to_float(const uint4& v, float* f) {
     const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      __nv_bfloat162 h;
+      typename P::type h;
       __builtin_memcpy(&h, &w[i], 4);
-      const float2 x = __bfloat1622float2(h);
+      const float2 x = P::to_float2(h);
       f[2 * i] = x.x;
       f[2 * i + 1] = x.y;
     }
@@ -143,7 +135,7 @@ struct Vec16<__nv_bfloat16> {
     uint32_t w[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const __nv_bfloat162 h = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+      const typename P::type h = P::from_floats(f[2 * i], f[2 * i + 1]);
       __builtin_memcpy(&w[i], &h, 4);
     }
     return make_uint4(w[0], w[1], w[2], w[3]);
