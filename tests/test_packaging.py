@@ -1,7 +1,7 @@
 """Packaging: ``python -m build`` makes an sdist and a wheel (TK_BUILD_CUDA=0) from a clean
 copy of the repository; the wheel installs with pip into a fresh virtual environment and
 imports there without a GPU (``__version__``, ``info()``, the ``python -m
-timesformer_kernels.info`` CLI, a CPU call); the metadata declares the dependencies the code
+timesformer_kernels`` CLI, a CPU call); the metadata declares the dependencies the code
 really imports and the Python version it parses under.
 
 The fresh venv has no packages of its own; a .pth file makes this interpreter's
@@ -168,5 +168,5 @@ assert out.shape == (1, 6, 16) and cls_out.shape == (1, 3, 16)
     for line in ("timesformer_kernels " + _version(), "cuda extension: not built", "devices: cpu",
                  "backend torch: usable", "auto picks on cpu"):
         assert line in res.stdout, f"info() lacks {line!r}:\n{res.stdout}"
-    cli = _run([str(py), "-m", f"{NAME}.info"], env=env, cwd=tmp_path)
+    cli = _run([str(py), "-m", NAME], env=env, cwd=tmp_path)
     assert cli.stdout.startswith(f"timesformer_kernels {_version()}"), cli.stdout

@@ -1,4 +1,4 @@
-"""What this install can run: ``tk.info()`` or ``python -m timesformer_kernels.info``."""
+"""What this install can run: ``tk.info()`` or ``python -m timesformer_kernels``."""
 from __future__ import annotations
 
 import platform
@@ -35,7 +35,3 @@ def info() -> str:
         lines.append(f"backend {name}: " + ("usable" if not reasons else "unusable: " + "; ".join(reasons)))
     lines.append(f"auto picks on {device} {dtype}: {backends.choose('auto', qkv, groups)}")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    print(info())
