@@ -94,3 +94,13 @@ def test_attention_modules(backend, order):
 def test_module_rejects_bad_dim():
     with pytest.raises(ValueError, match="num_heads"):
         tk.DividedTemporalAttention(30, 4, 2)
+
+
+@pytest.mark.parametrize("make,exc,name", [
+    (lambda: tk.DividedTemporalAttention(32, 0, 2), ValueError, "num_heads"),
+    (lambda: tk.DividedSpatialAttention(32, True, 2), TypeError, "num_heads"),
+    (lambda: tk.DividedSpaceTimeBlock(32, 2, 0)(torch.randn(1, 5, 32)), ValueError, "num_frames"),
+])
+def test_module_bad_arguments_name_the_argument(make, exc, name):
+    with pytest.raises(exc, match=name):
+        make()

@@ -59,6 +59,7 @@ def _cuda_why_not(qkv: torch.Tensor, groups: Groups) -> list[str]:
 
 
 _BACKENDS = {"torch": _torch_why_not, "triton": _triton_why_not, "cuda": _cuda_why_not}
+BACKEND_NAMES = tuple(_BACKENDS)
 
 
 def why_not(name: str, qkv: torch.Tensor, groups: Groups) -> list[str]:

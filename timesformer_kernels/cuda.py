@@ -65,8 +65,8 @@ def why_not(qkv, groups: Groups) -> list[str]:
                        f"({_load_error}); {build_hint}")
     if qkv.device.type != "cuda":
         reasons.append(f"qkv is on {qkv.device}, the CUDA backend needs a CUDA tensor")
-    elif not _built_for(torch.cuda.get_device_capability(qkv.device)):
-        major, minor = torch.cuda.get_device_capability(qkv.device)
+    elif not _built_for(cap := torch.cuda.get_device_capability(qkv.device)):
+        major, minor = cap
         reasons.append(f"device {qkv.device} is sm_{major}{minor}; the extension is built for sm_80..sm_89 "
                        f"and sm_90 only")
     if qkv.dtype not in SUPPORTED_DTYPES:

@@ -25,13 +25,22 @@ qkv Linear, unit stride; the first two dims may have any stride::
 The patch outputs are written to ``out`` (B, N·T, H·Dh) at row ``row(g, p) - base``, the
 same token order as the input. The cls token (row 0) can join every group as an extra key
 and value (``cls_key``: spatial, and temporal with ``with_cls``) and as an extra query
-whose per-group output goes to ``cls_out`` (B, G, H·Dh) (``cls_query``: spatial).
+whose per-group output goes to ``cls_out`` (B, G, H·Dh) (``cls_query``: spatial). The
+forward also saves the log-sum-exp of every query row for the backward: ``lse`` (B, N·T, H)
+and ``cls_lse`` (B, G, H), in ``stats_dtype``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 TOKEN_ORDERS = ("space_major", "time_major")
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the saved log-sum-exp (lse, cls_lse): float32, float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .ops import spatial_attention, temporal_attention
+from .validation import check_int
 
 
 def drop_path_mask(x: Tensor, batch: int, prob: float, training: bool) -> Optional[Tensor]:
@@ -41,11 +42,10 @@ def temporal_residual(x: Tensor, num_frames: int, num_heads: int, norm: nn.Modul
                       token_order: str = "space_major", backend: str = "auto",
                       scale: Optional[float] = None) -> Tensor:
     """Patch tokens after the temporal branch: x[:, 1:] + fc(drop_path(proj(attn(norm(x)))))."""
-    b, length, _ = x.shape
-    n = (length - 1) // num_frames
     # norm and qkv are per token: run them on the whole sequence once and pass qkv[:, 1:] as a view.
     attn = temporal_attention(qkv(norm(x))[:, 1:], num_frames, num_heads, scale=scale, token_order=token_order,
                               backend=backend)
+    b, n = x.shape[0], attn.shape[1] // num_frames  # after the op has validated num_frames
     res = proj(attn)
     # drawn in the branch's dtype, like upstream's drop_path(branch) (differs from x's under autocast)
     mask = drop_path_mask(res, b * n, drop_prob, training)
@@ -60,10 +60,9 @@ def spatial_residual(x: Tensor, num_frames: int, num_heads: int, norm: nn.Module
                      proj: nn.Module, drop_prob: float, training: bool, token_order: str = "space_major",
                      backend: str = "auto", scale: Optional[float] = None) -> Tensor:
     """x + the spatial branch, with the cls output averaged over the frame groups."""
-    b, length, _ = x.shape
-    n = (length - 1) // num_frames
     out, cls_out = spatial_attention(qkv(norm(x)), num_frames, num_heads, scale=scale, token_order=token_order,
                                      backend=backend)
+    b, n = x.shape[0], out.shape[1] // num_frames  # after the op has validated num_frames
     res, cls_res = proj(out), proj(cls_out)
     mask = drop_path_mask(res, b * num_frames, drop_prob, training)
     if mask is not None:
@@ -79,6 +78,11 @@ def mlp_residual(x: Tensor, norm: nn.Module, mlp, drop_prob: float, training: bo
     return x + (res if mask is None else res * mask.view(-1, 1, 1))
 
 
+def _check_heads(dim: int, num_heads: int) -> None:
+    if dim % check_int("num_heads", num_heads):
+        raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+
+
 class DividedTemporalAttention(nn.Module):
     """qkv Linear -> temporal attention over each patch's T frames -> proj Linear.
 
@@ -90,8 +94,7 @@ class DividedTemporalAttention(nn.Module):
                  qk_scale: Optional[float] = None, token_order: str = "space_major", with_cls: bool = False,
                  backend: str = "auto"):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        _check_heads(dim, num_heads)
         self.num_heads, self.num_frames, self.scale = num_heads, num_frames, qk_scale
         self.token_order, self.with_cls, self.backend = token_order, with_cls, backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
@@ -112,8 +115,7 @@ class DividedSpatialAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_frames: int, qkv_bias: bool = False,
                  qk_scale: Optional[float] = None, token_order: str = "space_major", backend: str = "auto"):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        _check_heads(dim, num_heads)
         self.num_heads, self.num_frames, self.scale = num_heads, num_frames, qk_scale
         self.token_order, self.backend = token_order, backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import backends, reference
-from .layout import Groups, spatial_groups, temporal_groups
+from .layout import Groups, spatial_groups, stats_dtype, temporal_groups
 from .validation import check_spatial, check_temporal
 
 
@@ -52,10 +52,6 @@ def _autocast(qkv: Tensor) -> Tensor:
     return qkv
 
 
-def _stats_dtype(qkv: Tensor) -> torch.dtype:
-    return torch.float64 if qkv.dtype == torch.float64 else torch.float32
-
-
 # ---------------------------------------------------------------- temporal custom ops
 @torch.library.custom_op("timesformer_kernels::temporal_attention", mutates_args=())
 def _temporal_op(qkv: Tensor, num_frames: int, num_heads: int, scale: float, token_order: str,
@@ -69,7 +65,7 @@ def _temporal_op(qkv: Tensor, num_frames: int, num_heads: int, scale: float, tok
 def _(qkv, num_frames, num_heads, scale, token_order, with_cls, backend):
     b, length, c = qkv.shape
     patches = length - int(with_cls)
-    return qkv.new_empty(b, patches, c // 3), qkv.new_empty(b, patches, num_heads, dtype=_stats_dtype(qkv))
+    return qkv.new_empty(b, patches, c // 3), qkv.new_empty(b, patches, num_heads, dtype=stats_dtype(qkv.dtype))
 
 
 @torch.library.custom_op("timesformer_kernels::temporal_attention_backward", mutates_args=())
@@ -112,7 +108,7 @@ def _spatial_op(qkv: Tensor, num_frames: int, num_heads: int, scale: float, toke
 @_spatial_op.register_fake
 def _(qkv, num_frames, num_heads, scale, token_order, backend):
     b, length, c = qkv.shape
-    stats = _stats_dtype(qkv)
+    stats = stats_dtype(qkv.dtype)
     return (qkv.new_empty(b, length - 1, c // 3), qkv.new_empty(b, num_frames, c // 3),
             qkv.new_empty(b, length - 1, num_heads, dtype=stats), qkv.new_empty(b, num_frames, num_heads, dtype=stats))
 

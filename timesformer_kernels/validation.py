@@ -10,18 +10,25 @@ import numbers
 
 import torch
 
+from .backends import BACKEND_NAMES
 from .layout import TOKEN_ORDERS, Groups, spatial_groups, temporal_groups
 
-BACKENDS = ("auto", "cuda", "triton", "torch")
+BACKENDS = ("auto", *BACKEND_NAMES)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check_int(name: str, value, minimum: int = 1) -> int:
+def check_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
+
+
+def check_backend(backend) -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
 
 
 def check_scale(scale, head_dim: int) -> float:
@@ -40,8 +47,8 @@ def _check_common(qkv, num_frames, num_heads, token_order, backend):
         raise ValueError(f"qkv must have rank 3 (B, L, 3*num_heads*head_dim), got shape {tuple(qkv.shape)}")
     if qkv.dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype of qkv must be one of float16, bfloat16, float32, float64, got {qkv.dtype}")
-    t = _check_int("num_frames", num_frames)
-    h = _check_int("num_heads", num_heads)
+    t = check_int("num_frames", num_frames)
+    h = check_int("num_heads", num_heads)
     channels = qkv.shape[-1]
     if channels == 0 or channels % (3 * h) != 0:
         raise ValueError(
@@ -53,8 +60,7 @@ def _check_common(qkv, num_frames, num_heads, token_order, backend):
         raise ValueError(f"qkv's last dim must have unit stride, got strides {qkv.stride()}")
     if not isinstance(token_order, str) or token_order not in TOKEN_ORDERS:
         raise ValueError(f"token_order must be one of {TOKEN_ORDERS}, got {token_order!r}")
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     return t, h, channels // (3 * h)
 
 

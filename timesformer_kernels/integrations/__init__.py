@@ -14,7 +14,7 @@ from collections import Counter
 
 from torch import nn
 
-from ..validation import BACKENDS
+from ..validation import check_backend
 from . import huggingface, lucidrains, mmaction, official
 from ._common import NO_FORWARD, ORIGINAL_ATTR
 
@@ -27,8 +27,7 @@ def patch(model: nn.Module, backend: str = "auto") -> nn.Module:
     fused ops, in place; returns ``model``. Raises ValueError if nothing is recognised."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     counts: Counter = Counter()
     for module in model.modules():
         family = next((f for f in _FAMILIES if f.matches(module)), None)

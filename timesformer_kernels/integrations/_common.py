@@ -23,6 +23,14 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
+def run_original(module: nn.Module, key: Optional[str], message: str, args: tuple, kwargs: dict):
+    """Run the replaced forward for a call the fused path cannot reproduce, warning once per
+    ``key``; a ``key`` of None is a silent fallback (the original raises its own error)."""
+    if key is not None:
+        warn_once(key, message)
+    return original_forward(module)(*args, **kwargs)
+
+
 def original_forward(module: nn.Module):
     """The forward that ``patch`` replaced (bound), for fallbacks of calls the fused path can't do."""
     saved = module.__dict__[ORIGINAL_ATTR]

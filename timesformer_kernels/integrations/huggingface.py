@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from ._common import active_dropout, divided_block, drop_path_prob, original_forward, warn_once
+from ._common import active_dropout, divided_block, drop_path_prob, original_forward, run_original
 
 KIND = "huggingface"
 _CLASS = "TimesformerLayer"
@@ -130,9 +130,7 @@ def fused_forward(module, backend: str):
         bound.apply_defaults()
         key, message = _fallback_reason(self, bound.arguments, signature, hidden_name)
         if message is not None:
-            if key is not None:
-                warn_once(key, message)
-            return original_forward(self)(*args, **kwargs)
+            return run_original(self, key, message, args, kwargs)
         hidden = bound.arguments[hidden_name]
         # Mirror GradientCheckpointingLayer: the class forward it wraps is bypassed by patching.
         if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():

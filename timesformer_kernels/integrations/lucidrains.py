@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import temporal_attention
-from ._common import original_forward, warn_once
+from ._common import run_original
 
 KIND = "lucidrains"
 TIME = ("b (f n) d", "(b n) f d", "n")  # (einops_from, einops_to, the one einops_dims key)
@@ -171,11 +171,8 @@ def fused_forward(module: nn.Module, backend: str):
     def forward(self, x, einops_from, einops_to, mask=None, cls_mask=None, rot_emb=None, **einops_dims):
         plan = _plan(self, x, einops_from, einops_to, mask, cls_mask, rot_emb, einops_dims)
         if not isinstance(plan, _Plan):
-            key, message = plan
-            if key is not None:
-                warn_once(key, message)
-            return original_forward(self)(x, einops_from, einops_to, mask=mask, cls_mask=cls_mask,
-                                          rot_emb=rot_emb, **einops_dims)
+            return run_original(self, *plan, (x, einops_from, einops_to),
+                                dict(mask=mask, cls_mask=cls_mask, rot_emb=rot_emb, **einops_dims))
         h = self.heads
         qkv = self.to_qkv(x)
         cls_out = _cls_attention(qkv, h, self.scale, cls_mask)

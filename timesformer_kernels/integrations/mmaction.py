@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import spatial_attention, temporal_attention
-from ._common import original_forward, warn_once
+from ._common import run_original
 
 KIND = "mmaction"
 TEMPORAL = "DividedTemporalAttentionWithNorm"
@@ -112,13 +112,6 @@ def _unsupported(module: nn.Module, query, residual) -> Optional[tuple]:
                     f"{type(module.dropout_layer).__name__} (supported: Identity, nn.Dropout, mmcv DropPath): "
                     "running the original forward")
     return None
-
-
-def _fallback(module: nn.Module, reason: tuple, args: tuple, kwargs: dict):
-    key, message = reason
-    if key is not None:
-        warn_once(key, message)
-    return original_forward(module)(*args, **kwargs)
 
 
 def _qkv(module: nn.Module, query: Tensor) -> Tensor:
@@ -200,7 +193,7 @@ def fused_forward(module: nn.Module, backend: str):
         # original too: it always attends query to itself.
         reason = _unsupported(self, query, residual)
         if reason is not None:
-            return _fallback(self, reason, (query, key, value, residual), kwargs)
+            return run_original(self, *reason, (query, key, value, residual), kwargs)
         return fused(self, query, backend)
 
     return forward

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._common import active_dropout, divided_block, drop_path_prob, original_forward, warn_once
+from ._common import active_dropout, divided_block, drop_path_prob, original_forward, run_original
 
 KIND = "official"
 
@@ -113,9 +113,7 @@ def fused_forward(module, backend: str):
         _, x, batch, frames, width = bound.arguments.values()
         key, message = _fallback_reason(self, x, batch, frames, width)
         if message is not None:
-            if key is not None:
-                warn_once(key, message)
-            return original_forward(self)(*args, **kwargs)
+            return run_original(self, key, message, args, kwargs)
         prob = drop_path_prob(self.drop_path)
         ta, sa = self.temporal_attn, self.attn
         temporal = (self.temporal_norm1, ta.qkv, ta.proj, self.temporal_fc, ta.num_heads, ta.scale, prob)

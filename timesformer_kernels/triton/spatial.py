@@ -22,13 +22,13 @@ cls gradient to a small (B, G, 3·H·Dh) buffer, summed over G in torch (determi
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ..layout import Groups
+from ..backends import interpreting
+from ..layout import Groups, stats_dtype
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 # float32 inputs: three tf32 tensor-core products are about as exact as float32 FMA, which
@@ -40,7 +40,7 @@ def _configs(shapes):
     """Autotune configs (BLOCK_M, BLOCK_N, num_warps, num_stages) for Hopper; the
     interpreter gets one small config instead, because it autotunes by running every
     config and 16-row tiles already exercise the multi-tile paths at small N."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreting():
         shapes = [(16, 16, 4, 1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
@@ -334,7 +334,7 @@ def spatial_fwd(qkv: torch.Tensor, groups: Groups, scale: float):
     cls_lse (B, G, H) or None); lse is the natural log-sum-exp of the scaled scores,
     float32 (float64 for float64 qkv)."""
     b, g, h, hd = groups.batch, groups.num_groups, groups.num_heads, groups.num_heads * groups.head_dim
-    stat_dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    stat_dtype = stats_dtype(qkv.dtype)
     out = torch.empty(b, groups.num_patches, hd, dtype=qkv.dtype, device=qkv.device)
     lse = torch.empty(b, groups.num_patches, h, dtype=stat_dtype, device=qkv.device)
     cls_out = cls_lse = None
@@ -365,7 +365,7 @@ def spatial_bwd(dout, dcls_out, qkv, out, cls_out, lse, cls_lse, groups: Groups,
         dcls_out = dcls_out.contiguous()
     out, lse = out.contiguous(), lse.contiguous()
     meta = _meta(qkv, groups)
-    stat_dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    stat_dtype = lse.dtype
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     num_q = groups.seq_len + int(groups.cls_query)
     num_k = groups.seq_len + int(groups.cls_key)

@@ -18,18 +18,18 @@ head_dim * itemsize is not a multiple of 32 bytes.
 """
 from __future__ import annotations
 
-import os
 import struct
 
 import torch
 import triton
 import triton.language as tl
 
-from ..layout import Groups
+from ..backends import interpreting
+from ..layout import Groups, stats_dtype
 
 MAX_SEQ = 128  # groups with seq_len <= MAX_SEQ and no cls query come to this module
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = interpreting()
 _MIN_TILE = 32  # rows of the smallest tile; also the cls partial-sum granularity (backward)
 # The one launch config under TRITON_INTERPRET=1, where autotuning is very slow; BLOCK_M is
 # raised to T_PAD for longer groups. Tests swap it to cover other tilings on the CPU.
@@ -229,8 +229,9 @@ def temporal_fwd(qkv: torch.Tensor, groups: Groups, scale: float) -> tuple[torch
     """out (B, N·T, H·Dh) contiguous, dtype of qkv; lse (B, N·T, H) float32 (float64 for fp64
     input), the natural log-sum-exp of each query row's scaled scores."""
     assert not groups.cls_query and groups.seq_len <= MAX_SEQ and qkv.stride(-1) == 1
+    assert qkv.shape[1] == groups.base + groups.num_patches
     bsz, rows, dim = qkv.shape[0], groups.num_patches, groups.num_heads * groups.head_dim
-    acc_dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    acc_dtype = stats_dtype(qkv.dtype)
     out = torch.empty((bsz, rows, dim), dtype=qkv.dtype, device=qkv.device)
     lse = torch.empty((bsz, rows, groups.num_heads), dtype=acc_dtype, device=qkv.device)
     args, consts, grid, _ = _common(qkv, groups, scale)
@@ -244,6 +245,7 @@ def temporal_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: 
                  groups: Groups, scale: float) -> torch.Tensor:
     """dqkv: a new contiguous tensor of qkv's shape and dtype, in qkv's layout (q|k|v)."""
     assert not groups.cls_query and groups.seq_len <= MAX_SEQ and qkv.stride(-1) == 1
+    assert qkv.shape[1] == groups.base + groups.num_patches
     dout, out = _unit_last(dout), _unit_last(out)
     assert lse.stride(-1) == 1
     bsz, dim = qkv.shape[0], groups.num_heads * groups.head_dim
@@ -255,9 +257,9 @@ def temporal_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: 
     # of the smallest tile keep this buffer independent of the autotuned BLOCK_M.
     cls_rows = max(_MIN_TILE, t_pad)
     n_chunks = triton.cdiv(groups.num_groups, cls_rows // t_pad) if groups.cls_key else 0
-    dcls = torch.empty((bsz, n_chunks, 2, dim), dtype=lse.dtype, device=qkv.device)
+    dcls = torch.empty((bsz, n_chunks, 2, dim), dtype=lse.dtype, device=qkv.device) if groups.cls_key else dqkv
     _temporal_bwd_kernel[grid](
-        qkv, out, dout, lse, dqkv, dcls if groups.cls_key else dqkv,
+        qkv, out, dout, lse, dqkv, dcls,
         qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), dout.stride(0),
         dout.stride(1), lse.stride(0), lse.stride(1), dqkv.stride(0), dqkv.stride(1),
         *args, n_chunks, CLS_ROWS=cls_rows, **consts)
@@ -265,5 +267,4 @@ def temporal_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: 
         dqkv[:, 0].zero_()
         if groups.cls_key:
             dqkv[:, 0, dim:] = dcls.sum(1).flatten(1)
-    dqkv[:, groups.base + groups.num_patches:].zero_()  # rows of no group (a ragged tail)
     return dqkv
