@@ -61,3 +61,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def resolved_backends(monkeypatch):
+    """The backend each fused attention op call resolved to (what backend='auto' picked)."""
+    from timesformer_kernels import backends
+
+    names = []
+    choose = backends.choose
+
+    def recording(backend, qkv, groups):
+        names.append(choose(backend, qkv, groups))
+        return names[-1]
+
+    monkeypatch.setattr(backends, "choose", recording)
+    return names

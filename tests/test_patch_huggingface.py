@@ -1,13 +1,17 @@
 """tk.patch / tk.unpatch on Hugging Face transformers TimeSformer models (random init, no hub):
 outputs and every parameter gradient vs. the unpatched model, drop-path included, the state
 dict, unpatch, gradient checkpointing, the fallbacks, and what is left alone."""
+import copy
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
+from bf16_check import assert_bf16_equivalent, assert_kernels_ran, ieee_fp32
+
 import timesformer_kernels as tk
+from timesformer_kernels import cuda as tk_cuda
 from timesformer_kernels.integrations import _common, patch_summary
 
 transformers = pytest.importorskip("transformers")
@@ -261,3 +265,57 @@ def test_other_attention_types_left_alone(attention_type):
 def test_nothing_to_patch_raises():
     with pytest.raises(ValueError):
         tk.patch(nn.Sequential(nn.Linear(4, 4)))
+
+
+# ------------------------------------------------------------------ GPU: bf16 autocast on CUDA
+# Run by ``pytest -m gpu`` on a machine with a CUDA device (skipped elsewhere by conftest.py).
+GPU = "cuda"  # every tensor and model of the GPU test goes here (one constant: nothing left on the CPU)
+GPU_PIXELS = (48, 56)  # config 7 patches per row: a 6 x 7 patch grid, N = 42 (non-square)
+
+
+def make_gpu_model(drop_path=0.3, seed=0):
+    """Moderately sized, on the GPU: dim 256, 4 heads of 64, T = 8, 2 layers, MLP 512."""
+    config = TimesformerConfig(image_size=56, patch_size=8, num_channels=3, num_frames=8, hidden_size=256,
+                               num_hidden_layers=2, num_attention_heads=4, intermediate_size=512)
+    object.__setattr__(config, "drop_path_rate", drop_path)
+    torch.manual_seed(seed)
+    model = TimesformerModel(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.to(GPU)
+
+
+def _gpu_pass(model, video, bf16, seed=123):
+    """{'out': last hidden state, parameter name: its gradient} of one forward (under bf16
+    autocast, or in full fp32) and backward of a fixed weighting of the output."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    with ieee_fp32():
+        torch.manual_seed(seed)
+        with torch.autocast(GPU, dtype=torch.bfloat16, enabled=bf16):
+            out = model(video).last_hidden_state.float()
+        weights = torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)
+        grads = torch.autograd.grad((out * weights).sum(), [p for _, p in named], allow_unused=True)
+    result = {"out": out.detach()}
+    result.update((n, g) for (n, _), g in zip(named, grads) if g is not None)
+    return result
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("backend", [
+    "triton", "auto",
+    pytest.param("cuda", marks=pytest.mark.skipif(not tk_cuda.available(), reason="CUDA extension not built"))])
+def test_gpu_bf16_matches_unpatched(backend, train, fused_calls, resolved_backends, fallback_warnings):
+    """Forward and every parameter gradient on CUDA under bf16 autocast, patched vs unpatched
+    (drop-path 0.3 drawing in train mode); criteria in assert_bf16_equivalent."""
+    model = make_gpu_model().train(train)
+    video = make_video(2, 8, pixels=GPU_PIXELS).to(GPU)
+    patched = tk.patch(copy.deepcopy(model), backend=backend)
+    assert patch_summary(patched) == {"huggingface": 2}
+    ref = _gpu_pass(model, video, bf16=True)
+    got = _gpu_pass(patched, video, bf16=True)
+    assert_bf16_equivalent(got, ref, None if train else _gpu_pass(model, video, bf16=False))
+    assert len(fused_calls) == 2
+    assert_kernels_ran(resolved_backends, backend, 4)  # temporal and spatial op of 2 layers
+    assert not fallback_warnings()

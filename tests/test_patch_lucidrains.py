@@ -3,10 +3,13 @@ time and space attention of every layer, rotary embeddings, token shift, the pad
 (falls back in time attention), dropout on to_out."""
 from __future__ import annotations
 
+import copy
 
 import pytest
 import torch
 from torch import nn
+
+from bf16_check import assert_bf16_equivalent, assert_kernels_ran, ieee_fp32
 
 import timesformer_kernels as tk
 from timesformer_kernels.integrations import lucidrains, patch_summary
@@ -158,3 +161,63 @@ def test_matches_only_lucidrains_attention():
     assert lucidrains.matches(build(1, depth=1).layers[0][0].fn)
     with pytest.raises(ValueError):
         tk.patch(nn.Sequential(Attention()))
+
+
+# ------------------------------------------------------------------ GPU: bf16 autocast on CUDA
+# Run by ``pytest -m gpu`` on a machine with a CUDA device (skipped elsewhere by conftest.py).
+GPU = "cuda"  # every tensor and model of the GPU test goes here (one constant: nothing left on the CPU)
+GPU_FRAMES, GPU_PIXELS = 8, (48, 56)  # T = 8; 8x8 patches: a 6 x 7 grid, N = 42 (not a square)
+
+
+def make_gpu_model(seed=0):
+    """Moderately sized, on the GPU: dim 256, 4 heads of 64, T = 8, 2 layers, rotary on (the
+    default), dropout 0.1 on to_out (drawn in train mode; the model has no drop-path)."""
+    torch.manual_seed(seed)
+    model = TimeSformer(dim=256, num_frames=GPU_FRAMES, num_classes=10, image_size=56, patch_size=8, depth=2,
+                        heads=4, dim_head=64, attn_dropout=0.1)
+    with torch.no_grad():  # larger than the default init, so that the attention is not near uniform
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.to(GPU)
+
+
+def _gpu_pass(model, x, bf16, seed=1):
+    """{'out.logits', 'out.tokens' (the last layer's input: every attention output reaches it),
+    'input': the video's gradient, parameter name: its gradient} of one forward (under bf16
+    autocast, or in full fp32) and backward of a fixed weighting of both outputs."""
+    x = x.detach().requires_grad_(True)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    seen = []
+    hook = model.layers[-1][2].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        with ieee_fp32():
+            torch.manual_seed(seed)
+            with torch.autocast(GPU, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(x)
+            outs = {"out.logits": logits.float(), "out.tokens": seen[0].float()}
+            loss = sum((o * torch.linspace(-1, 1, o.numel(), device=o.device).view_as(o)).sum() for o in outs.values())
+            grads = torch.autograd.grad(loss, [x] + [p for _, p in named], allow_unused=True)
+    finally:
+        hook.remove()
+    result = {name: o.detach() for name, o in outs.items()}
+    result["input"] = grads[0]
+    result.update((n, g) for (n, _), g in zip(named, grads[1:]) if g is not None)
+    return result
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_gpu_bf16_matches_unpatched(backend, train, resolved_backends, fallback_warnings):
+    """Logits, last-layer tokens, the video's and every parameter's gradient on CUDA under bf16
+    autocast, patched vs unpatched (rotary on, to_out dropout drawing in train mode); criteria
+    in assert_bf16_equivalent."""
+    model = make_gpu_model().train(train)
+    x = video(GPU_FRAMES, b=2, h=GPU_PIXELS[0], w=GPU_PIXELS[1]).to(GPU)
+    patched = tk.patch(copy.deepcopy(model), backend=backend)
+    assert patch_summary(patched) == {"lucidrains": 4}
+    ref = _gpu_pass(model, x, bf16=True)
+    got = _gpu_pass(patched, x, bf16=True)
+    assert_bf16_equivalent(got, ref, None if train else _gpu_pass(model, x, bf16=False))
+    assert_kernels_ran(resolved_backends, backend, 4)  # time and space attention of 2 layers
+    assert not fallback_warnings()

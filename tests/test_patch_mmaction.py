@@ -4,12 +4,15 @@ way mmaction2's TimeSformer backbone stacks them (mmcv BaseTransformerLayer with
 operation_order ('self_attn', 'self_attn', 'ffn'))."""
 from __future__ import annotations
 
+import copy
 
 import pytest
 import torch
 from torch import nn
 
 from mmaction_loader import load_mmaction_transformer, mmaction_available
+
+from bf16_check import assert_bf16_equivalent, assert_kernels_ran, ieee_fp32
 
 import timesformer_kernels as tk
 from timesformer_kernels.integrations import mmaction, patch_summary
@@ -183,3 +186,51 @@ def test_rejected_calls_run_the_original():
         layer(x, residual=x)
     with pytest.raises(RuntimeError):  # 1 + 13 tokens is not 1 + N·3: upstream's reshape fails
         layer(torch.randn(2, 14, 32))
+
+
+# ------------------------------------------------------------------ GPU: bf16 autocast on CUDA
+# Run by ``pytest -m gpu`` on a machine with a CUDA device (skipped elsewhere by conftest.py).
+GPU = "cuda"  # every tensor and model of the GPU test goes here (one constant: nothing left on the CPU)
+GPU_FRAMES, GPU_PATCHES = 8, 42  # T = 8; N = 42 (a 6 x 7 grid: not a square)
+
+
+def make_gpu_model(drop_path=0.3, seed=0):
+    """Moderately sized, on the GPU: dim 256, 4 heads of 64, T = 8, 2 layers, drop-path everywhere."""
+    model = build(GPU_FRAMES, dim=256, heads=4, depth=2, drop_path=drop_path, seed=seed)
+    with torch.no_grad():  # build's 0.15 makes a peaked softmax at dim 256: smaller random weights
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.05 * torch.randn_like(p) if name.endswith("norm.weight") else 0.05 * torch.randn_like(p))
+    return model.to(GPU)
+
+
+def _gpu_pass(model, x, bf16, seed=1):
+    """{'out': output tokens, 'input': their input's gradient, parameter name: its gradient} of
+    one forward (under bf16 autocast, or in full fp32) and backward of a fixed weighting of the output."""
+    x = x.detach().requires_grad_(True)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    with ieee_fp32():
+        torch.manual_seed(seed)
+        with torch.autocast(GPU, dtype=torch.bfloat16, enabled=bf16):
+            out = model(x, None, None).float()
+        weights = torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)
+        grads = torch.autograd.grad((out * weights).sum(), [x] + [p for _, p in named])
+    result = {"out": out.detach(), "input": grads[0]}
+    result.update((n, g) for (n, _), g in zip(named, grads[1:]))
+    return result
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_gpu_bf16_matches_unpatched(backend, train, resolved_backends, fallback_warnings):
+    """Forward, the input's and every parameter's gradient on CUDA under bf16 autocast, patched
+    vs unpatched (mmcv DropPath drawing in train mode); criteria in assert_bf16_equivalent."""
+    model = make_gpu_model().train(train)
+    x = tokens(GPU_FRAMES, GPU_PATCHES, dim=256).to(GPU)
+    patched = tk.patch(copy.deepcopy(model), backend=backend)
+    assert patch_summary(patched) == {"mmaction": 4}
+    ref = _gpu_pass(model, x, bf16=True)
+    got = _gpu_pass(patched, x, bf16=True)
+    assert_bf16_equivalent(got, ref, None if train else _gpu_pass(model, x, bf16=False))
+    assert_kernels_ran(resolved_backends, backend, 4)  # one op in each of the 2 x 2 attention modules
+    assert not fallback_warnings()

@@ -1,11 +1,14 @@
 """tk.patch / tk.unpatch on blocks of the official TimeSformer structure (tests/official_block.py):
 outputs and every parameter gradient vs. the unpatched model, drop-path included, the state
 dict, unpatch, the fallbacks, and what is left alone."""
+import copy
 import warnings
 
 import pytest
 import torch
 from torch import nn
+
+from bf16_check import assert_bf16_equivalent, assert_kernels_ran, ieee_fp32
 
 import timesformer_kernels as tk
 from official_block import Block, TinyTimeSformer
@@ -248,3 +251,54 @@ def test_structure_must_match():
     block = Block(32, 2)
     block.forward = lambda x: x  # instance attribute only: the class forward is what is checked
     assert official.matches(block)
+
+
+# ------------------------------------------------------------------ GPU: bf16 autocast on CUDA
+# Run by ``pytest -m gpu`` on a machine with a CUDA device (skipped elsewhere by conftest.py).
+GPU = "cuda"  # every tensor and model of the GPU test goes here (one constant: nothing left on the CPU)
+GPU_HEIGHT, GPU_WIDTH, GPU_FRAMES = 6, 7, 8  # a non-square 6 x 7 patch grid, N = 42, T = 8
+
+
+def make_gpu_model(drop_path=0.3, seed=0):
+    """Moderately sized, on the GPU: dim 256, 4 heads of 64, 2 blocks (drop-path 0 and 0.3), MLP 512."""
+    torch.manual_seed(seed)
+    model = TinyTimeSformer(dim=256, depth=2, num_heads=4, mlp_ratio=2.0, drop_path_rate=drop_path)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.to(GPU)
+
+
+def _gpu_pass(model, x, bf16, seed=123):
+    """{'out': output tokens, 'input': their input's gradient, parameter name: its gradient} of
+    one forward (under bf16 autocast, or in full fp32) and backward of a fixed weighting of the output."""
+    x = x.detach().requires_grad_(True)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    with ieee_fp32():
+        torch.manual_seed(seed)
+        with torch.autocast(GPU, dtype=torch.bfloat16, enabled=bf16):
+            out = model(x, GPU_FRAMES, GPU_WIDTH).float()
+        weights = torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)
+        grads = torch.autograd.grad((out * weights).sum(), [x] + [p for _, p in named])
+    result = {"out": out.detach(), "input": grads[0]}
+    result.update((n, g) for (n, _), g in zip(named, grads[1:]))
+    return result
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_gpu_bf16_matches_unpatched(backend, train, fused_calls, resolved_backends, fallback_warnings):
+    """Forward, the input's and every parameter's gradient on CUDA under bf16 autocast, patched
+    vs unpatched (drop-path drawing in train mode); criteria in assert_bf16_equivalent."""
+    model = make_gpu_model().train(train)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 1 + GPU_HEIGHT * GPU_WIDTH * GPU_FRAMES, 256, generator=g).to(GPU)
+    patched = tk.patch(copy.deepcopy(model), backend=backend)
+    assert patch_summary(patched) == {"official": 2}
+    ref = _gpu_pass(model, x, bf16=True)
+    got = _gpu_pass(patched, x, bf16=True)
+    assert_bf16_equivalent(got, ref, None if train else _gpu_pass(model, x, bf16=False))
+    assert len(fused_calls) == 2
+    assert_kernels_ran(resolved_backends, backend, 4)  # temporal and spatial op of 2 blocks
+    assert not fallback_warnings()
