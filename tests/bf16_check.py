@@ -55,3 +55,32 @@ def assert_bf16_equivalent(got, ref, exact=None):
                 bad.append(f"{name}: error vs fp32 {err:.3e} > 2 x unpatched bf16's {base:.3e} "
                            f"+ {BF16_EPS} x max {scale:.3e}")
     assert not bad, f"{len(bad)} of {len(ref)} tensors:\n" + "\n".join(bad)
+
+
+def gpu_pass(model, forward, x, bf16: bool, seed: int, input_grad: bool = True, allow_unused: bool = False):
+    """{output name: output, 'input': x's gradient (with ``input_grad``), parameter name: its
+    gradient} of one forward on CUDA (under bf16 autocast, or in full fp32) and the backward of
+    a fixed weighting of the outputs; ``forward(model, x)`` returns {output name: tensor}.
+    ``allow_unused`` drops parameters the outputs do not depend on instead of failing."""
+    x = x.detach().requires_grad_(input_grad)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    with ieee_fp32():
+        torch.manual_seed(seed)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            outs = {name: o.float() for name, o in forward(model, x).items()}
+        loss = sum((o * torch.linspace(-1, 1, o.numel(), device=o.device).view_as(o)).sum() for o in outs.values())
+        grads = list(torch.autograd.grad(loss, ([x] if input_grad else []) + [p for _, p in named],
+                                         allow_unused=allow_unused))
+    result = {name: o.detach() for name, o in outs.items()}
+    if input_grad:
+        result["input"] = grads.pop(0)
+    result.update((n, g) for (n, _), g in zip(named, grads) if g is not None)
+    return result
+
+
+def check_patched_bf16(model, patched, forward, x, train: bool, seed: int, **options):
+    """The patched model's bf16 pass vs the unpatched one's (and, in eval, vs its fp32 pass)."""
+    ref = gpu_pass(model, forward, x, True, seed, **options)
+    got = gpu_pass(patched, forward, x, True, seed, **options)
+    exact = None if train else gpu_pass(model, forward, x, False, seed, **options)
+    assert_bf16_equivalent(got, ref, exact)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from bf16_check import assert_bf16_equivalent, assert_kernels_ran, ieee_fp32
+from bf16_check import assert_kernels_ran, check_patched_bf16
 
 import timesformer_kernels as tk
 from timesformer_kernels import cuda as tk_cuda
@@ -286,21 +286,6 @@ def make_gpu_model(drop_path=0.3, seed=0):
     return model.to(GPU)
 
 
-def _gpu_pass(model, video, bf16, seed=123):
-    """{'out': last hidden state, parameter name: its gradient} of one forward (under bf16
-    autocast, or in full fp32) and backward of a fixed weighting of the output."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    with ieee_fp32():
-        torch.manual_seed(seed)
-        with torch.autocast(GPU, dtype=torch.bfloat16, enabled=bf16):
-            out = model(video).last_hidden_state.float()
-        weights = torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)
-        grads = torch.autograd.grad((out * weights).sum(), [p for _, p in named], allow_unused=True)
-    result = {"out": out.detach()}
-    result.update((n, g) for (n, _), g in zip(named, grads) if g is not None)
-    return result
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("backend", [
@@ -313,9 +298,8 @@ def test_gpu_bf16_matches_unpatched(backend, train, fused_calls, resolved_backen
     video = make_video(2, 8, pixels=GPU_PIXELS).to(GPU)
     patched = tk.patch(copy.deepcopy(model), backend=backend)
     assert patch_summary(patched) == {"huggingface": 2}
-    ref = _gpu_pass(model, video, bf16=True)
-    got = _gpu_pass(patched, video, bf16=True)
-    assert_bf16_equivalent(got, ref, None if train else _gpu_pass(model, video, bf16=False))
+    check_patched_bf16(model, patched, lambda m, v: {"out": m(v).last_hidden_state}, video, train, seed=123,
+                       input_grad=False, allow_unused=True)
     assert len(fused_calls) == 2
     assert_kernels_ran(resolved_backends, backend, 4)  # temporal and spatial op of 2 layers
     assert not fallback_warnings()

@@ -12,7 +12,7 @@ from torch import nn
 
 from mmaction_loader import load_mmaction_transformer, mmaction_available
 
-from bf16_check import assert_bf16_equivalent, assert_kernels_ran, ieee_fp32
+from bf16_check import assert_kernels_ran, check_patched_bf16
 
 import timesformer_kernels as tk
 from timesformer_kernels.integrations import mmaction, patch_summary
@@ -203,22 +203,6 @@ def make_gpu_model(drop_path=0.3, seed=0):
     return model.to(GPU)
 
 
-def _gpu_pass(model, x, bf16, seed=1):
-    """{'out': output tokens, 'input': their input's gradient, parameter name: its gradient} of
-    one forward (under bf16 autocast, or in full fp32) and backward of a fixed weighting of the output."""
-    x = x.detach().requires_grad_(True)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    with ieee_fp32():
-        torch.manual_seed(seed)
-        with torch.autocast(GPU, dtype=torch.bfloat16, enabled=bf16):
-            out = model(x, None, None).float()
-        weights = torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)
-        grads = torch.autograd.grad((out * weights).sum(), [x] + [p for _, p in named])
-    result = {"out": out.detach(), "input": grads[0]}
-    result.update((n, g) for (n, _), g in zip(named, grads[1:]))
-    return result
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("backend", ["triton", "auto"])
@@ -229,8 +213,6 @@ def test_gpu_bf16_matches_unpatched(backend, train, resolved_backends, fallback_
     x = tokens(GPU_FRAMES, GPU_PATCHES, dim=256).to(GPU)
     patched = tk.patch(copy.deepcopy(model), backend=backend)
     assert patch_summary(patched) == {"mmaction": 4}
-    ref = _gpu_pass(model, x, bf16=True)
-    got = _gpu_pass(patched, x, bf16=True)
-    assert_bf16_equivalent(got, ref, None if train else _gpu_pass(model, x, bf16=False))
+    check_patched_bf16(model, patched, lambda m, x: {"out": m(x, None, None)}, x, train, seed=1)
     assert_kernels_ran(resolved_backends, backend, 4)  # one op in each of the 2 x 2 attention modules
     assert not fallback_warnings()

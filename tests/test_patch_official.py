@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from bf16_check import assert_bf16_equivalent, assert_kernels_ran, ieee_fp32
+from bf16_check import assert_kernels_ran, check_patched_bf16
 
 import timesformer_kernels as tk
 from official_block import Block, TinyTimeSformer
@@ -269,22 +269,6 @@ def make_gpu_model(drop_path=0.3, seed=0):
     return model.to(GPU)
 
 
-def _gpu_pass(model, x, bf16, seed=123):
-    """{'out': output tokens, 'input': their input's gradient, parameter name: its gradient} of
-    one forward (under bf16 autocast, or in full fp32) and backward of a fixed weighting of the output."""
-    x = x.detach().requires_grad_(True)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    with ieee_fp32():
-        torch.manual_seed(seed)
-        with torch.autocast(GPU, dtype=torch.bfloat16, enabled=bf16):
-            out = model(x, GPU_FRAMES, GPU_WIDTH).float()
-        weights = torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)
-        grads = torch.autograd.grad((out * weights).sum(), [x] + [p for _, p in named])
-    result = {"out": out.detach(), "input": grads[0]}
-    result.update((n, g) for (n, _), g in zip(named, grads[1:]))
-    return result
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("backend", ["triton", "auto"])
@@ -296,9 +280,7 @@ def test_gpu_bf16_matches_unpatched(backend, train, fused_calls, resolved_backen
     x = torch.randn(2, 1 + GPU_HEIGHT * GPU_WIDTH * GPU_FRAMES, 256, generator=g).to(GPU)
     patched = tk.patch(copy.deepcopy(model), backend=backend)
     assert patch_summary(patched) == {"official": 2}
-    ref = _gpu_pass(model, x, bf16=True)
-    got = _gpu_pass(patched, x, bf16=True)
-    assert_bf16_equivalent(got, ref, None if train else _gpu_pass(model, x, bf16=False))
+    check_patched_bf16(model, patched, lambda m, x: {"out": m(x, GPU_FRAMES, GPU_WIDTH)}, x, train, seed=123)
     assert len(fused_calls) == 2
     assert_kernels_ran(resolved_backends, backend, 4)  # temporal and spatial op of 2 blocks
     assert not fallback_warnings()
