@@ -1,7 +1,10 @@
 # The README's commands. Each does its own set-up (scripts/bootstrap.sh) on a fresh machine.
 PY = $$(bash scripts/bootstrap.sh | tail -n 1)
+PY_H200 = $$(TK_STACK=h200 bash scripts/bootstrap.sh | tail -n 1)
+# Device-independent tests: the GPU hidden, Triton under its CPU interpreter.
+CPU_TESTS = CUDA_VISIBLE_DEVICES= $$py -m pytest tests -q -m "not gpu"
 
-.PHONY: demo test gpu bench-smoke
+.PHONY: demo test test-h200-stack gpu gpu-wheels bench-smoke
 
 demo:  ## swap the fused attention into a Hugging Face TimeSformer, check it matches, time it
 	py=$(PY) && $$py examples/demo.py
@@ -9,11 +12,21 @@ demo:  ## swap the fused attention into a Hugging Face TimeSformer, check it mat
 # The suite runs twice on a GPU machine: the device-independent tests with the GPU hidden,
 # exactly as in CI (Triton under its CPU interpreter), then the tests marked gpu on the GPU.
 test:  ## the whole test suite
-	py=$(PY) && CUDA_VISIBLE_DEVICES= $$py -m pytest tests -q -m "not gpu" && \
+	py=$(PY) && $(CPU_TESTS) && \
 	if $$py -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then $$py -m pytest tests -q -m gpu; fi
+
+test-h200-stack:  ## the device-independent tests on the lent GPU machine's versions (torch 2.11, triton 3.6)
+	py=$(PY_H200) && $(CPU_TESTS)
 
 gpu:  ## on a GPU machine: build, GPU tests and the full benchmark, results under $$OUT
 	bash benchmarks/gpu.sh
+
+# The lent machine has no package registry: these pure-Python wheels (and numpy 2.2 for Triton
+# 3.6's interpreter) travel with the tree (the device tool's carry: [".whl"]), and gpu.sh
+# installs them there.
+gpu-wheels:  ## download the wheels `make gpu` carries to the lent machine (Python 3.12) into .whl/
+	python3 -m pip download -q --no-deps -d .whl --only-binary=:all: --python-version 3.12 \
+		--platform manylinux_2_17_x86_64 numpy==2.2.6 diffusers==0.42.1 importlib_metadata==10.2.0 zipp timesformer-pytorch==0.4.1
 
 bench-smoke:  ## the benchmark harness on a tiny CPU configuration
 	py=$(PY) && $$py -m benchmarks.run --smoke

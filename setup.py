@@ -85,16 +85,18 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["timesformer_kernels", "timesformer_kernels.*"]),
-    install_requires=["torch>=2.6"],
+    # The tested range (README, "Supported versions"): CI runs the suite on both ends, torch
+    # 2.14.1 + triton 3.8.0 (pinned) and torch 2.11.0 + triton 3.6.0 (the lent GPU machine's).
+    install_requires=["torch>=2.11,<2.15"],
     extras_require={
-        "triton": ["triton>=3.2"],
+        "triton": ["triton>=3.6,<3.9"],
         # The model families the swap-in is tested against. mmaction2 1.2.0 and its mm* pieces are
         # installed with --no-deps by scripts/bootstrap.sh (their own pins clash with transformers 5);
         # opencv..yapf are what its transformer.py needs to load.
         "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4", "einops>=0.7", "numpy", "build",
                  "matplotlib>=3.7", "transformers==5.24.0", "timesformer-pytorch==0.4.1",
                  "opencv-python-headless==5.0.0.93", "addict==2.4.0", "yapf==0.43.0", "termcolor==3.3.0",
-                 "rich>=13", "PyYAML>=6", "pillow>=10"],
+                 "rich>=13", "PyYAML>=6", "pillow>=10", "diffusers==0.42.1"],
         "bench": ["matplotlib>=3.7"],
     },
     ext_modules=[ext] if ext is not None else [],

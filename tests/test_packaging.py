@@ -23,6 +23,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME, DIST = "timesformer_kernels", "timesformer_kernels"  # import name, dist file prefix
@@ -42,9 +43,10 @@ def _source_files():
             return files
     except (OSError, subprocess.CalledProcessError):
         pass
-    skip = {".git", ".venv", "build", "dist", "__pycache__", ".pytest_cache", ".hypothesis", ".benchmarks"}
+    skip = {".git", "build", "dist", "__pycache__", ".pytest_cache", ".hypothesis", ".benchmarks"}
     return [str(p.relative_to(ROOT)) for p in ROOT.rglob("*")
             if p.is_file() and not skip.intersection(p.relative_to(ROOT).parts)
+            and not any(part.startswith(".venv") for part in p.relative_to(ROOT).parts)
             and not p.name.endswith((".so", ".pyc")) and ".egg-info" not in str(p)]
 
 
@@ -106,9 +108,14 @@ def test_wheel_contents_and_metadata(dists):
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/", "csrc/")) or n.endswith(".so")], names
     assert meta["Name"] in ("timesformer-kernels", "timesformer_kernels") and meta["Version"] == version
     assert meta["Requires-Python"] and "3.10" in meta["Requires-Python"], meta["Requires-Python"]
-    requires = meta.get_all("Requires-Dist") or []
-    assert any(r.replace(" ", "").startswith("torch>=") and "extra" not in r for r in requires), requires
-    assert any(r.startswith("triton") and 'extra == "triton"' in r for r in requires), requires
+    requires = [Requirement(r) for r in meta.get_all("Requires-Dist") or []]
+    # The supported range (README, "Supported versions"): both ends in, the neighbours out.
+    torch_req = next(r for r in requires if r.name == "torch" and r.marker is None)
+    assert {"2.11.0", "2.14.1"} <= set(torch_req.specifier.filter(["2.10.0", "2.11.0", "2.14.1", "2.15.0"])), torch_req
+    assert not set(torch_req.specifier.filter(["2.10.0", "2.15.0"])), torch_req
+    triton_req = next(r for r in requires if r.name == "triton")
+    assert triton_req.marker.evaluate({"extra": "triton"}), triton_req
+    assert set(triton_req.specifier.filter(["3.5.0", "3.6.0", "3.8.0", "3.9.0"])) == {"3.6.0", "3.8.0"}, triton_req
 
 
 def test_declared_dependencies_cover_imports():
