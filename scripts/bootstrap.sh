@@ -6,7 +6,8 @@
 #   h200              .venv-h200  the lent GPU machine's image: torch 2.11.0, triton 3.6.0,
 #                                 transformers 5.17.0, and numpy 2.2.6 (Triton 3.6's interpreter
 #                                 fails with numpy >= 2.4); like that image it has no mmaction2,
-#                                 timesformer-pytorch or diffusers, so their tests skip
+#                                 timesformer-pytorch or diffusers, so their tests skip; it adds
+#                                 triton-viz 3.0 (needs Triton 3.6) for tests/test_sanitizer.py
 #
 # - A Python that already has torch, triton and pytest (the GPU machine: no package registry)
 #   is used as it is, with the package installed in place with --no-deps.
@@ -55,7 +56,8 @@ else
             log "installing the lent GPU machine's stack into $VENV (torch 2.11.0, triton 3.6.0; a few minutes)"
             pipq "torch==2.11.0" "triton==3.6.0" "numpy==2.2.6" "transformers==5.17.0" \
                  "pytest>=7" "hypothesis>=6" "pytest-benchmark>=4" "einops>=0.7" "matplotlib>=3.7" build \
-                 "triton-viz==3.0"
+                 "triton-viz==3.0" "z3-solver==5.4.1.0" "anytree==2.13.0" "pyarrow==26.0.1" "cairocffi==1.7.1" \
+                 "flask==3.1.3" "flask-cloudflared==0.0.15" "pre-commit==4.7.0" "tqdm==4.70.1"
             TK_BUILD_CUDA=0 pipq --no-build-isolation --no-deps -e .
         fi
         touch "$VENV/.tk-installed"
