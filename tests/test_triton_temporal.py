@@ -109,9 +109,28 @@ def test_max_seq():
     _check(t=temporal.MAX_SEQ, n=2, h=1, dh=16, order="time_major", with_cls=True)
 
 
-@pytest.mark.parametrize("dh", [8, 40, 64, 80, 128])
+# 160 and 256: the largest tiles (BLOCK_D = 256), AnimateDiff's 160 masked in them.
+@pytest.mark.parametrize("dh", [8, 40, 64, 80, 128, 160, 256])
 def test_head_dims(dh):
     _check(t=3, n=5, h=1 if dh > 64 else 2, dh=dh, order="time_major", with_cls=True)
+
+
+def test_wide_long_groups_use_the_flash_kernel():
+    """Above head dim 128 this module takes groups of at most WIDE_MAX_SEQ; the package's
+    dispatch sends a longer one to the flash kernel, which must give the same results."""
+    from timesformer_kernels import triton as kernels
+
+    b, t, n, h, dh = 1, temporal.WIDE_MAX_SEQ + 1, 1, 1, 160
+    qkv = _randn((b, n * t + 1, 3 * h * dh), torch.float32, "contiguous", 0)
+    groups = temporal_groups(b, n * t + 1, t, h, dh, "space_major", True)
+    out, _, lse, _ = kernels.attention_fwd(qkv, groups, dh ** -0.5)
+    dout = _randn(out.shape, torch.float32, "contiguous", 1)
+    dqkv = kernels.attention_bwd(dout, None, qkv, out, None, lse, None, groups, dh ** -0.5)
+    x = qkv.double().requires_grad_(True)
+    ref = ref_temporal_attention(x, t, h, dh ** -0.5, "space_major", True)
+    (dref,) = torch.autograd.grad(ref, x, dout.double())
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=5e-5)
+    torch.testing.assert_close(dqkv.double(), dref, atol=2e-5, rtol=5e-5)
 
 
 @pytest.mark.parametrize("with_cls", [False, True])

@@ -1,6 +1,7 @@
 """Triton kernels of grouped attention over TimeSformer's qkv (see ``layout``).
 
-``temporal.py`` packs many short groups (temporal attention, S <= 128) into one program;
+``temporal.py`` packs many short groups (temporal attention, S <= 128, or <= 32 at head
+dims above 128) into one program;
 ``spatial.py`` is a flash-style kernel for groups of any length with the cls query and key
 (spatial attention, and temporal attention with T > 128). Both read qkv in place and write
 dq/dk/dv into one gradient in qkv's layout.
@@ -21,7 +22,7 @@ def _on_device(qkv: torch.Tensor):
 
 
 def _short(groups: Groups) -> bool:
-    return not groups.cls_query and groups.seq_len <= temporal.MAX_SEQ
+    return not groups.cls_query and groups.seq_len <= temporal.max_seq(groups.head_dim)
 
 
 def attention_fwd(qkv: torch.Tensor, groups: Groups, scale: float):

@@ -1,4 +1,4 @@
-"""Triton attention over many short groups: temporal attention, S <= MAX_SEQ keys per group.
+"""Triton attention over many short groups: temporal attention, S <= max_seq(head_dim) keys.
 
 A temporal group is tiny (S = T = 8 typical) while ``tl.dot`` wants 16+ rows, so one program
 owns a tile of BLOCK_M query rows that holds BLOCK_M // T_PAD whole groups (T_PAD =
@@ -27,7 +27,7 @@ import triton.language as tl
 from ..backends import interpreting
 from ..layout import Groups, stats_dtype
 
-MAX_SEQ = 128  # groups with seq_len <= MAX_SEQ and no cls query come to this module
+MAX_SEQ = 128  # groups with seq_len <= max_seq(head_dim) and no cls query come to this module
 
 _INTERPRET = interpreting()
 _MIN_TILE = 32  # rows of the smallest tile; also the cls partial-sum granularity (backward)
@@ -43,21 +43,38 @@ _CONFIGS = [
     for m, w in ((32, 4), (64, 4), (64, 8), (128, 8))
     for h, s in ((1, 1), (2, 2), (4, 2))
 ]
+# Head dims above 128 (BLOCK_D = 256): only 32-row tiles keep the fp32 accumulators in
+# registers (ptxas, sm_90 and sm_80: the forward on 4 warps, the backward's three gradient
+# tiles on 8), so these groups are at most WIDE_MAX_SEQ long; longer ones go to spatial.py.
+_WIDE_FWD_CONFIGS = [triton.Config({"BLOCK_M": 32, "HEADS": h}, num_warps=4, num_stages=s)
+                     for h, s in ((1, 1), (2, 2), (4, 2))]
+_WIDE_BWD_CONFIGS = [triton.Config({"BLOCK_M": 32, "HEADS": h}, num_warps=8, num_stages=s)
+                     for h, s in ((1, 1), (2, 2), (4, 2))]
+WIDE_HEAD_DIM = 128  # head dims above it take the wide configs
+WIDE_MAX_SEQ = 32
 
 
-def _prune(configs, nargs, **kwargs):
-    """Keeps the tiles that hold at least one whole group (128 rows always qualify)."""
-    t_pad = {**nargs, **kwargs}["T_PAD"]
-    return [c for c in configs if c.kwargs["BLOCK_M"] >= t_pad]
+def max_seq(head_dim: int) -> int:
+    """The longest group this module takes at head_dim (longer ones go to spatial.py)."""
+    return MAX_SEQ if head_dim <= WIDE_HEAD_DIM else WIDE_MAX_SEQ
 
 
-def _tuned(fn):
-    # Keyed on the group length, head count and head_dim (tensor dtypes are added by the
-    # autotuner itself), never on batch or group count: no re-tuning per batch size.
+def _tuned(wide_configs):
+    """Autotunes over _CONFIGS, or over wide_configs when BLOCK_D > WIDE_HEAD_DIM, keeping
+    the tiles that hold at least one whole group. Keyed on the group length, head count and
+    head_dim (the autotuner adds the tensor dtypes), never on batch or group count: no
+    re-tuning per batch size."""
     if _INTERPRET:
-        return fn
-    return triton.autotune(_CONFIGS, key=["S", "H", "HEAD_DIM"],
-                           prune_configs_by={"early_config_prune": _prune})(fn)
+        return lambda fn: fn
+
+    def prune(configs, nargs, **kwargs):
+        named = {**nargs, **kwargs}
+        wide = named["BLOCK_D"] > WIDE_HEAD_DIM
+        pool = configs[len(_CONFIGS):] if wide else configs[:len(_CONFIGS)]
+        return [c for c in pool if c.kwargs["BLOCK_M"] >= named["T_PAD"]]
+
+    return triton.autotune(_CONFIGS + wide_configs, key=["S", "H", "HEAD_DIM"],
+                           prune_configs_by={"early_config_prune": prune})
 
 
 @triton.jit
@@ -84,7 +101,7 @@ def _scaled(x, scale_hi, scale_lo):
     return x
 
 
-@_tuned
+@_tuned(_WIDE_FWD_CONFIGS)
 @triton.jit
 def _temporal_fwd_kernel(
     qkv_ptr, out_ptr, lse_ptr,
@@ -130,7 +147,7 @@ def _temporal_fwd_kernel(
         tl.store(lse_rows + h, m + tl.log(l), mask=valid)
 
 
-@_tuned
+@_tuned(_WIDE_BWD_CONFIGS)
 @triton.jit
 def _temporal_bwd_kernel(
     qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, dcls_ptr,
@@ -228,7 +245,7 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
 def temporal_fwd(qkv: torch.Tensor, groups: Groups, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, N·T, H·Dh) contiguous, dtype of qkv; lse (B, N·T, H) float32 (float64 for fp64
     input), the natural log-sum-exp of each query row's scaled scores."""
-    assert not groups.cls_query and groups.seq_len <= MAX_SEQ and qkv.stride(-1) == 1
+    assert not groups.cls_query and groups.seq_len <= max_seq(groups.head_dim) and qkv.stride(-1) == 1
     assert qkv.shape[1] == groups.base + groups.num_patches
     bsz, rows, dim = qkv.shape[0], groups.num_patches, groups.num_heads * groups.head_dim
     acc_dtype = stats_dtype(qkv.dtype)
@@ -244,7 +261,7 @@ def temporal_fwd(qkv: torch.Tensor, groups: Groups, scale: float) -> tuple[torch
 def temporal_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                  groups: Groups, scale: float) -> torch.Tensor:
     """dqkv: a new contiguous tensor of qkv's shape and dtype, in qkv's layout (q|k|v)."""
-    assert not groups.cls_query and groups.seq_len <= MAX_SEQ and qkv.stride(-1) == 1
+    assert not groups.cls_query and groups.seq_len <= max_seq(groups.head_dim) and qkv.stride(-1) == 1
     assert qkv.shape[1] == groups.base + groups.num_patches
     dout, out = _unit_last(dout), _unit_last(out)
     assert lse.stride(-1) == 1
