@@ -38,5 +38,5 @@ def attention_bwd(dout, dcls_out, qkv, out, cls_out, lse, cls_lse, groups: Group
     """Returns dqkv, contiguous, shape and dtype of qkv."""
     with _on_device(qkv):
         if _short(groups):
-            return temporal.temporal_bwd(dout, qkv, out, lse, groups, scale)
+            return temporal.temporal_bwd(dout, qkv, lse, groups, scale)
         return spatial.spatial_bwd(dout, dcls_out, qkv, out, cls_out, lse, cls_lse, groups, scale)

@@ -150,8 +150,8 @@ def _temporal_fwd_kernel(
 @_tuned(_WIDE_BWD_CONFIGS)
 @triton.jit
 def _temporal_bwd_kernel(
-    qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, dcls_ptr,
-    stride_qb, stride_ql, stride_ob, stride_ol, stride_db, stride_dl,
+    qkv_ptr, dout_ptr, lse_ptr, dqkv_ptr, dcls_ptr,
+    stride_qb, stride_ql, stride_db, stride_dl,
     stride_lb, stride_ll, stride_gb, stride_gl,
     G, S, H, base, group_stride, pos_stride, scale_hi, scale_lo, n_chunks,
     CLS_KEY: tl.constexpr, HEAD_DIM: tl.constexpr, T_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -159,7 +159,9 @@ def _temporal_bwd_kernel(
     BLOCK_M: tl.constexpr, HEADS: tl.constexpr,
 ):
     """dq, dk, dv of the groups in one tile for HEADS heads, from P recomputed with the saved
-    lse; with CLS_KEY also the partial cls dk/dv of each CLS_ROWS-row chunk of the tile."""
+    lse; with CLS_KEY also the partial cls dk/dv of each CLS_ROWS-row chunk of the tile.
+    Every key of a group is in the tile, so delta = rowsum(dO∘O) comes from P and dP without
+    reading out; each gradient is stored as soon as it is final, to free its registers."""
     pid_m = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     row, valid, key_ok = _tile_rows(pid_m, G, S, base, group_stride, pos_stride, T_PAD, BLOCK_M)
@@ -170,7 +172,6 @@ def _temporal_bwd_kernel(
     D = H * HEAD_DIM
     clip = qkv_ptr + b * stride_qb
     qkv_rows = clip + row * stride_ql
-    out_rows = out_ptr + b * stride_ob + (row - base) * stride_ol
     dout_rows = dout_ptr + b * stride_db + (row - base) * stride_dl
     lse_rows = lse_ptr + b * stride_lb + (row - base) * stride_ll
     dqkv_rows = dqkv_ptr + b * stride_gb + row * stride_gl
@@ -185,33 +186,38 @@ def _temporal_bwd_kernel(
         q = tl.load(qkv_rows[:, None] + col[None, :], mask=tile_ok, other=0.0)
         k = tl.load(qkv_rows[:, None] + (D + col)[None, :], mask=tile_ok, other=0.0)
         v = tl.load(qkv_rows[:, None] + (2 * D + col)[None, :], mask=tile_ok, other=0.0)
-        o = tl.load(out_rows[:, None] + col[None, :], mask=tile_ok, other=0.0)
         do = tl.load(dout_rows[:, None] + col[None, :], mask=tile_ok, other=0.0)
         lse = tl.load(lse_rows + h, mask=valid, other=0.0)
-        delta = tl.sum(do.to(ACC) * o.to(ACC), axis=1)
         s = _scaled(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), scale_hi, scale_lo)
         p = tl.where(p_ok, tl.exp(s - lse[:, None]), 0.0)
         dv = tl.dot(tl.trans(p.to(v.dtype)), do, input_precision=DOT_PRECISION)
+        tl.store(dqkv_rows[:, None] + (2 * D + col)[None, :], dv.to(q.dtype), mask=tile_ok)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = (p * (dp - delta[:, None])).to(q.dtype)
-        dq = tl.dot(ds, k, input_precision=DOT_PRECISION)
-        dk = tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
+        # delta = ΣP∘dP / ΣP: the division undoes lse's rounding, which ΣP = 1 would leave in
+        # (all-equal large logits); padding rows (ΣP = 0) divide by 1.
+        p_dp = tl.sum(p * dp, axis=1)
+        p_sum = tl.sum(p, axis=1)
         if CLS_KEY:
             k_cls = tl.load(clip + D + col, mask=d_ok, other=0.0).to(ACC)
             v_cls = tl.load(clip + 2 * D + col, mask=d_ok, other=0.0).to(ACC)
             s_cls = _scaled(tl.sum(q.to(ACC) * k_cls[None, :], axis=1), scale_hi, scale_lo)
             p_cls = tl.where(valid, tl.exp(s_cls - lse), 0.0)
-            ds_cls = p_cls * (tl.sum(do.to(ACC) * v_cls[None, :], axis=1) - delta)
+            dp_cls = tl.sum(do.to(ACC) * v_cls[None, :], axis=1)
+            p_dp += p_cls * dp_cls
+            p_sum += p_cls
+        delta = p_dp / tl.where(valid, p_sum, 1.0)
+        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        dk = _scaled(tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION), scale_hi, scale_lo)
+        tl.store(dqkv_rows[:, None] + (D + col)[None, :], dk.to(q.dtype), mask=tile_ok)
+        dq = tl.dot(ds, k, input_precision=DOT_PRECISION)
+        if CLS_KEY:
+            ds_cls = p_cls * (dp_cls - delta)
             dq += ds_cls[:, None] * k_cls[None, :]
             dk_cls = tl.sum(tl.reshape(ds_cls[:, None] * q.to(ACC), (CHUNKS, CLS_ROWS, BLOCK_D)), axis=1)
             dv_cls = tl.sum(tl.reshape(p_cls[:, None] * do.to(ACC), (CHUNKS, CLS_ROWS, BLOCK_D)), axis=1)
             tl.store(dcls_rows[:, None] + col[None, :], _scaled(dk_cls, scale_hi, scale_lo), mask=chunk_ok)
             tl.store(dcls_rows[:, None] + (D + col)[None, :], dv_cls, mask=chunk_ok)
-        dq = _scaled(dq, scale_hi, scale_lo)
-        dk = _scaled(dk, scale_hi, scale_lo)
-        tl.store(dqkv_rows[:, None] + col[None, :], dq.to(q.dtype), mask=tile_ok)
-        tl.store(dqkv_rows[:, None] + (D + col)[None, :], dk.to(q.dtype), mask=tile_ok)
-        tl.store(dqkv_rows[:, None] + (2 * D + col)[None, :], dv.to(q.dtype), mask=tile_ok)
+        tl.store(dqkv_rows[:, None] + col[None, :], _scaled(dq, scale_hi, scale_lo).to(q.dtype), mask=tile_ok)
 
 
 def _common(qkv: torch.Tensor, groups: Groups, scale: float):
@@ -258,12 +264,13 @@ def temporal_fwd(qkv: torch.Tensor, groups: Groups, scale: float) -> tuple[torch
     return out, lse
 
 
-def temporal_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                 groups: Groups, scale: float) -> torch.Tensor:
-    """dqkv: a new contiguous tensor of qkv's shape and dtype, in qkv's layout (q|k|v)."""
+def temporal_bwd(dout: torch.Tensor, qkv: torch.Tensor, lse: torch.Tensor, groups: Groups,
+                 scale: float) -> torch.Tensor:
+    """dqkv: a new contiguous tensor of qkv's shape and dtype, in qkv's layout (q|k|v). Needs
+    no forward output: delta is recomputed from the tile (see the kernel)."""
     assert not groups.cls_query and groups.seq_len <= max_seq(groups.head_dim) and qkv.stride(-1) == 1
     assert qkv.shape[1] == groups.base + groups.num_patches
-    dout, out = _unit_last(dout), _unit_last(out)
+    dout = _unit_last(dout)
     assert lse.stride(-1) == 1
     bsz, dim = qkv.shape[0], groups.num_heads * groups.head_dim
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
@@ -276,9 +283,8 @@ def temporal_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: 
     n_chunks = triton.cdiv(groups.num_groups, cls_rows // t_pad) if groups.cls_key else 0
     dcls = torch.empty((bsz, n_chunks, 2, dim), dtype=lse.dtype, device=qkv.device) if groups.cls_key else dqkv
     _temporal_bwd_kernel[grid](
-        qkv, out, dout, lse, dqkv, dcls,
-        qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), dout.stride(0),
-        dout.stride(1), lse.stride(0), lse.stride(1), dqkv.stride(0), dqkv.stride(1),
+        qkv, dout, lse, dqkv, dcls,
+        qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), lse.stride(0), lse.stride(1), dqkv.stride(0), dqkv.stride(1),
         *args, n_chunks, CLS_ROWS=cls_rows, **consts)
     if groups.base:  # row 0, the cls token: its query takes no part in these groups
         dqkv[:, 0].zero_()
