@@ -62,8 +62,10 @@ _FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8
 _BWD_DQ_CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3),
                    (64, 128, 4, 2), (64, 64, 4, 4)]
 # dK/dV holds two fp32 accumulators per key row: 32-query steps keep Dh = 128 from spilling.
+# Not kept: 64 key rows on 8 warps (both warpgroups compute the same rows) and 128-query
+# steps over 64 keys (spill on Triton 3.6).
 _BWD_DKDV_CONFIGS = [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (32, 128, 8, 2),
-                     (64, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)]
+                     (64, 64, 4, 3)]
 # BLOCK_D = 256: 32-row steps on the looped side and 8 warps where the tiled side's fp32
 # accumulators are wide keep every config unspilled (ptxas, sm_90 and sm_80) and its
 # pipelined tiles within sm_80's 163 KB of shared memory.

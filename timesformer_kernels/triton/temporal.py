@@ -35,14 +35,16 @@ _MIN_TILE = 32  # rows of the smallest tile; also the cls partial-sum granularit
 # raised to T_PAD for longer groups. Tests swap it to cover other tilings on the CPU.
 INTERPRET_CONFIG = {"BLOCK_M": _MIN_TILE, "HEADS": 2}
 
-# H100: a 32-row tile wastes the least masked work at T = 8, larger tiles amortise more per
-# program; 128-row tiles need 8 warps to hold their fp32 (128, 128) score tiles (per ptxas,
-# the bf16 backward with cls_key still spills a little there, the rest does not).
+# H100: a 32-row tile wastes the least masked work at T = 8 (with 4 heads in flight and 3
+# stages it keeps the most loads outstanding), 64-row tiles amortise more per program.
+# 128-row tiles (8 warps for their fp32 (128, 128) scores) are pruned unless the groups are
+# longer than 64: at T = 8 they run one mostly masked program per SM. No 64-row tile on 8
+# warps: both warpgroups would compute the same rows (TTGIR warpsPerCTA = [8, 1]).
 _CONFIGS = [
     triton.Config({"BLOCK_M": m, "HEADS": h}, num_warps=w, num_stages=s)
-    for m, w in ((32, 4), (64, 4), (64, 8), (128, 8))
+    for m, w in ((32, 4), (64, 4), (128, 8))
     for h, s in ((1, 1), (2, 2), (4, 2))
-]
+] + [triton.Config({"BLOCK_M": 32, "HEADS": 4}, num_warps=4, num_stages=3)]
 # Head dims above 128 (BLOCK_D = 256): only 32-row tiles keep the fp32 accumulators in
 # registers (ptxas, sm_90 and sm_80: the forward on 4 warps, the backward's three gradient
 # tiles on 8), so these groups are at most WIDE_MAX_SEQ long; longer ones go to spatial.py.
@@ -61,7 +63,8 @@ def max_seq(head_dim: int) -> int:
 
 def _tuned(wide_configs):
     """Autotunes over _CONFIGS, or over wide_configs when BLOCK_D > WIDE_HEAD_DIM, keeping
-    the tiles that hold at least one whole group. Keyed on the group length, head count and
+    the tiles that hold at least one whole group, 128 rows only where nothing smaller does.
+    Keyed on the group length, head count and
     head_dim (the autotuner adds the tensor dtypes), never on batch or group count: no
     re-tuning per batch size."""
     if _INTERPRET:
@@ -71,7 +74,8 @@ def _tuned(wide_configs):
         named = {**nargs, **kwargs}
         wide = named["BLOCK_D"] > WIDE_HEAD_DIM
         pool = configs[len(_CONFIGS):] if wide else configs[:len(_CONFIGS)]
-        return [c for c in pool if c.kwargs["BLOCK_M"] >= named["T_PAD"]]
+        t_pad = named["T_PAD"]
+        return [c for c in pool if t_pad <= c.kwargs["BLOCK_M"] <= max(64, t_pad)]
 
     return triton.autotune(_CONFIGS + wide_configs, key=["S", "H", "HEAD_DIM"],
                            prune_configs_by={"early_config_prune": prune})
