@@ -200,8 +200,8 @@ def bad_calls(draw):
         choice = draw(st.sampled_from(["string", "triton_head_dim", "cuda_on_cpu"]))
         if choice == "string":
             kwargs["backend"] = draw(_BAD_STRINGS.filter(lambda s: s not in VALID_BACKENDS))
-        elif choice == "triton_head_dim":  # a valid name that cannot run: head_dim not a multiple of 8
-            qkv = torch.randn(b, 1 + n * t, 3 * h * draw(st.sampled_from([4, 12, 20, 136])))
+        elif choice == "triton_head_dim":  # a valid name that cannot run: head_dim not a multiple of 8, or above 256
+            qkv = torch.randn(b, 1 + n * t, 3 * h * draw(st.sampled_from([4, 12, 20, 264])))
             kwargs["backend"] = "triton"
         else:
             kwargs["backend"] = "cuda"  # a CPU tensor

@@ -143,6 +143,15 @@ def test_float32_matches_reference(case):
     _run_case(*case, torch.float32)
 
 
+@pytest.mark.parametrize("case", [("spatial", "space_major", 1, 20, 1, 1, 160),
+                                  ("temporal_cls", "time_major", 1, 1, 20, 1, 256)],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_large_head_dims(case):
+    """Head dims up to 256 (BLOCK_D = 256; 160 masked in it), forward and dqkv; 20 rows
+    span two 16-row query and key tiles."""
+    _run_case(*case, torch.float32)
+
+
 @pytest.mark.parametrize("op", ["spatial", "temporal_cls"])
 def test_float64_matches_reference(op):
     _run_case(op, "space_major", 1, 5, 3, 2, 32, torch.float64)

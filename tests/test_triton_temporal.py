@@ -67,7 +67,7 @@ def _check(b=2, t=8, n=7, h=2, dh=32, order="space_major", with_cls=False, dtype
 
     out, lse = temporal.temporal_fwd(qkv, groups, scale)
     dout = _randn((b, n * t, h * dh), dtype, dout_view, seed + 1)
-    dqkv = temporal.temporal_bwd(dout, qkv, out, lse, groups, scale)
+    dqkv = temporal.temporal_bwd(dout, qkv, lse, groups, scale)
 
     x = qkv.detach().double().requires_grad_(True)
     ref = ref_temporal_attention(x, t, h, scale, order, with_cls)
@@ -109,9 +109,28 @@ def test_max_seq():
     _check(t=temporal.MAX_SEQ, n=2, h=1, dh=16, order="time_major", with_cls=True)
 
 
-@pytest.mark.parametrize("dh", [8, 40, 64, 80, 128])
+# 160 and 256: the largest tiles (BLOCK_D = 256), AnimateDiff's 160 masked in them.
+@pytest.mark.parametrize("dh", [8, 40, 64, 80, 128, 160, 256])
 def test_head_dims(dh):
     _check(t=3, n=5, h=1 if dh > 64 else 2, dh=dh, order="time_major", with_cls=True)
+
+
+def test_wide_long_groups_use_the_flash_kernel():
+    """Above head dim 128 this module takes groups of at most WIDE_MAX_SEQ; the package's
+    dispatch sends a longer one to the flash kernel, which must give the same results."""
+    from timesformer_kernels import triton as kernels
+
+    b, t, n, h, dh = 1, temporal.WIDE_MAX_SEQ + 1, 1, 1, 160
+    qkv = _randn((b, n * t + 1, 3 * h * dh), torch.float32, "contiguous", 0)
+    groups = temporal_groups(b, n * t + 1, t, h, dh, "space_major", True)
+    out, _, lse, _ = kernels.attention_fwd(qkv, groups, dh ** -0.5)
+    dout = _randn(out.shape, torch.float32, "contiguous", 1)
+    dqkv = kernels.attention_bwd(dout, None, qkv, out, None, lse, None, groups, dh ** -0.5)
+    x = qkv.double().requires_grad_(True)
+    ref = ref_temporal_attention(x, t, h, dh ** -0.5, "space_major", True)
+    (dref,) = torch.autograd.grad(ref, x, dout.double())
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=5e-5)
+    torch.testing.assert_close(dqkv.double(), dref, atol=2e-5, rtol=5e-5)
 
 
 @pytest.mark.parametrize("with_cls", [False, True])
@@ -185,7 +204,7 @@ def test_gpu_int64_offsets():
     groups = temporal_groups(b, length, t, h, dh, "space_major", True)
     out, lse = temporal.temporal_fwd(qkv, groups, dh ** -0.5)
     dout = torch.randn_like(out)
-    dqkv = temporal.temporal_bwd(dout, qkv, out, lse, groups, dh ** -0.5)
+    dqkv = temporal.temporal_bwd(dout, qkv, lse, groups, dh ** -0.5)
     x = qkv.detach().double().requires_grad_(True)
     ref = ref_temporal_attention(x, t, h, dh ** -0.5, "space_major", True)
     (dref,) = torch.autograd.grad(ref, x, dout.double())

@@ -12,8 +12,9 @@ import torch
 
 from .layout import Groups
 
-# Head dims the Triton kernels compile for (masked to the next power of two).
-TRITON_HEAD_DIMS = tuple(range(8, 129, 8))
+# Head dims the Triton kernels compile for (masked to the next power of two): TimeSformer's
+# 64, and the video diffusion models' 40/72/80/160 (AnimateDiff, Latte) up to 256.
+TRITON_HEAD_DIMS = tuple(range(8, 257, 8))
 
 # The order ``backend="auto"`` tries on a CUDA tensor. The CUDA extension comes after Triton
 # until a GPU benchmark shows it faster per op and shape: no GPU measurement has been made yet
@@ -48,7 +49,7 @@ def _triton_why_not(qkv: torch.Tensor, groups: Groups) -> list[str]:
     if qkv.dtype == torch.float64 and qkv.device.type != "cpu":
         reasons.append("dtype float64 runs only under the interpreter (use backend='torch' on GPU)")
     if groups.head_dim not in TRITON_HEAD_DIMS:
-        reasons.append(f"head_dim {groups.head_dim} is not a multiple of 8 in [8, 128]")
+        reasons.append(f"head_dim {groups.head_dim} is not a multiple of 8 in [8, 256]")
     return reasons
 
 

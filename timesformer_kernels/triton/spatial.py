@@ -34,27 +34,44 @@ LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 # float32 inputs: three tf32 tensor-core products are about as exact as float32 FMA, which
 # spills heavily on Hopper. fp16/bf16 ignore it.
 DOT_PRECISION: tl.constexpr = tl.constexpr("tf32x3")
+WIDE_HEAD_DIM = 128  # head dims above it (BLOCK_D = 256) take the wide configs
+# Never the batch size: a new batch must not re-tune or recompile.
+_TUNE_KEY = ["seq_len", "HEAD_DIM", "HAS_CLS_KEY", "HAS_CLS_QUERY"]  # Triton adds the dtypes
 
 
-def _configs(shapes):
-    """Autotune configs (BLOCK_M, BLOCK_N, num_warps, num_stages) for Hopper; the
-    interpreter gets one small config instead, because it autotunes by running every
-    config and 16-row tiles already exercise the multi-tile paths at small N."""
+def _tuned(narrow, wide):
+    """Autotune over configs (BLOCK_M, BLOCK_N, num_warps, num_stages): ``narrow`` for
+    BLOCK_D <= WIDE_HEAD_DIM, ``wide`` for head dims up to 256. The interpreter gets one
+    small config instead, because it autotunes by running every config and 16-row tiles
+    already exercise the multi-tile paths at small N."""
     if interpreting():
-        shapes = [(16, 16, 4, 1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+        return triton.autotune([triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)],
+                               key=_TUNE_KEY)
+
+    def prune(configs, nargs, **kwargs):
+        return configs[len(narrow):] if kwargs["BLOCK_D"] > WIDE_HEAD_DIM else configs[:len(narrow)]
+
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+               for m, n, w, s in narrow + wide]
+    return triton.autotune(configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})
 
 
 # BLOCK_M: query rows, BLOCK_N: key rows; the tiled side is the one the grid spans.
-_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
-                         (128, 64, 8, 4), (64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4)])
-_BWD_DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3),
-                            (64, 128, 4, 2), (64, 64, 4, 4)])
+_FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
+                (128, 64, 8, 4), (64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4)]
+_BWD_DQ_CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3),
+                   (64, 128, 4, 2), (64, 64, 4, 4)]
 # dK/dV holds two fp32 accumulators per key row: 32-query steps keep Dh = 128 from spilling.
-_BWD_DKDV_CONFIGS = _configs([(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (32, 128, 8, 2),
-                              (64, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)])
-# Never the batch size: a new batch must not re-tune or recompile.
-_TUNE_KEY = ["seq_len", "HEAD_DIM", "HAS_CLS_KEY", "HAS_CLS_QUERY"]  # Triton adds the dtypes
+# Not kept: 64 key rows on 8 warps (both warpgroups compute the same rows) and 128-query
+# steps over 64 keys (spill on Triton 3.6).
+_BWD_DKDV_CONFIGS = [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (32, 128, 8, 2),
+                     (64, 64, 4, 3)]
+# BLOCK_D = 256: 32-row steps on the looped side and 8 warps where the tiled side's fp32
+# accumulators are wide keep every config unspilled (ptxas, sm_90 and sm_80) and its
+# pipelined tiles within sm_80's 163 KB of shared memory.
+_WIDE_FWD_CONFIGS = [(64, 32, 8, 2), (64, 32, 8, 3), (32, 32, 4, 2)]
+_WIDE_DQ_CONFIGS = [(64, 32, 8, 2), (32, 32, 4, 2)]
+_WIDE_DKDV_CONFIGS = [(32, 64, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)]
 
 
 @triton.jit
@@ -96,7 +113,7 @@ def _program_ids(pid, num_tiles, num_heads, num_groups):
     return tile, bgh, bg, bg // num_groups, bg % num_groups, h
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)
+@_tuned(_FWD_CONFIGS, _WIDE_FWD_CONFIGS)
 @triton.jit
 def _spatial_fwd_kernel(
     qkv, out, lse, cls_out, cls_lse,
@@ -162,7 +179,7 @@ def _spatial_fwd_kernel(
             tl.store(cls_lse + bg.to(tl.int64) * num_heads + h, tl.sum(tl.where(is_cls, row_lse, 0.0), axis=0))
 
 
-@triton.autotune(configs=_BWD_DQ_CONFIGS, key=_TUNE_KEY)
+@_tuned(_BWD_DQ_CONFIGS, _WIDE_DQ_CONFIGS)
 @triton.jit
 def _spatial_bwd_dq_kernel(
     qkv, out, dout, lse, cls_out, dcls_out, cls_lse, dqkv, cls_grad, delta,
@@ -237,7 +254,7 @@ def _spatial_bwd_dq_kernel(
             tl.store(cls_grad + bg.to(tl.int64) * 3 * hd + h * HEAD_DIM + offs_d, dq_cls, mask=d_ok)
 
 
-@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=_TUNE_KEY)
+@_tuned(_BWD_DKDV_CONFIGS, _WIDE_DKDV_CONFIGS)
 @triton.jit
 def _spatial_bwd_dkdv_kernel(
     qkv, dout, lse, dcls_out, cls_lse, dqkv, cls_grad, delta,

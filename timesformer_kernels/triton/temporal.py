@@ -1,4 +1,4 @@
-"""Triton attention over many short groups: temporal attention, S <= MAX_SEQ keys per group.
+"""Triton attention over many short groups: temporal attention, S <= max_seq(head_dim) keys.
 
 A temporal group is tiny (S = T = 8 typical) while ``tl.dot`` wants 16+ rows, so one program
 owns a tile of BLOCK_M query rows that holds BLOCK_M // T_PAD whole groups (T_PAD =
@@ -27,7 +27,7 @@ import triton.language as tl
 from ..backends import interpreting
 from ..layout import Groups, stats_dtype
 
-MAX_SEQ = 128  # groups with seq_len <= MAX_SEQ and no cls query come to this module
+MAX_SEQ = 128  # groups with seq_len <= max_seq(head_dim) and no cls query come to this module
 
 _INTERPRET = interpreting()
 _MIN_TILE = 32  # rows of the smallest tile; also the cls partial-sum granularity (backward)
@@ -35,29 +35,50 @@ _MIN_TILE = 32  # rows of the smallest tile; also the cls partial-sum granularit
 # raised to T_PAD for longer groups. Tests swap it to cover other tilings on the CPU.
 INTERPRET_CONFIG = {"BLOCK_M": _MIN_TILE, "HEADS": 2}
 
-# H100: a 32-row tile wastes the least masked work at T = 8, larger tiles amortise more per
-# program; 128-row tiles need 8 warps to hold their fp32 (128, 128) score tiles (per ptxas,
-# the bf16 backward with cls_key still spills a little there, the rest does not).
+# H100: a 32-row tile wastes the least masked work at T = 8 (with 4 heads in flight and 3
+# stages it keeps the most loads outstanding), 64-row tiles amortise more per program.
+# 128-row tiles (8 warps for their fp32 (128, 128) scores) are pruned unless the groups are
+# longer than 64: at T = 8 they run one mostly masked program per SM. No 64-row tile on 8
+# warps: both warpgroups would compute the same rows (TTGIR warpsPerCTA = [8, 1]).
 _CONFIGS = [
     triton.Config({"BLOCK_M": m, "HEADS": h}, num_warps=w, num_stages=s)
-    for m, w in ((32, 4), (64, 4), (64, 8), (128, 8))
+    for m, w in ((32, 4), (64, 4), (128, 8))
     for h, s in ((1, 1), (2, 2), (4, 2))
-]
+] + [triton.Config({"BLOCK_M": 32, "HEADS": 4}, num_warps=4, num_stages=3)]
+# Head dims above 128 (BLOCK_D = 256): only 32-row tiles keep the fp32 accumulators in
+# registers (ptxas, sm_90 and sm_80: the forward on 4 warps, the backward's three gradient
+# tiles on 8), so these groups are at most WIDE_MAX_SEQ long; longer ones go to spatial.py.
+_WIDE_FWD_CONFIGS = [triton.Config({"BLOCK_M": 32, "HEADS": h}, num_warps=4, num_stages=s)
+                     for h, s in ((1, 1), (2, 2), (4, 2))]
+_WIDE_BWD_CONFIGS = [triton.Config({"BLOCK_M": 32, "HEADS": h}, num_warps=8, num_stages=s)
+                     for h, s in ((1, 1), (2, 2), (4, 2))]
+WIDE_HEAD_DIM = 128  # head dims above it take the wide configs
+WIDE_MAX_SEQ = 32
 
 
-def _prune(configs, nargs, **kwargs):
-    """Keeps the tiles that hold at least one whole group (128 rows always qualify)."""
-    t_pad = {**nargs, **kwargs}["T_PAD"]
-    return [c for c in configs if c.kwargs["BLOCK_M"] >= t_pad]
+def max_seq(head_dim: int) -> int:
+    """The longest group this module takes at head_dim (longer ones go to spatial.py)."""
+    return MAX_SEQ if head_dim <= WIDE_HEAD_DIM else WIDE_MAX_SEQ
 
 
-def _tuned(fn):
-    # Keyed on the group length, head count and head_dim (tensor dtypes are added by the
-    # autotuner itself), never on batch or group count: no re-tuning per batch size.
+def _tuned(wide_configs):
+    """Autotunes over _CONFIGS, or over wide_configs when BLOCK_D > WIDE_HEAD_DIM, keeping
+    the tiles that hold at least one whole group, 128 rows only where nothing smaller does.
+    Keyed on the group length, head count and
+    head_dim (the autotuner adds the tensor dtypes), never on batch or group count: no
+    re-tuning per batch size."""
     if _INTERPRET:
-        return fn
-    return triton.autotune(_CONFIGS, key=["S", "H", "HEAD_DIM"],
-                           prune_configs_by={"early_config_prune": _prune})(fn)
+        return lambda fn: fn
+
+    def prune(configs, nargs, **kwargs):
+        named = {**nargs, **kwargs}
+        wide = named["BLOCK_D"] > WIDE_HEAD_DIM
+        pool = configs[len(_CONFIGS):] if wide else configs[:len(_CONFIGS)]
+        t_pad = named["T_PAD"]
+        return [c for c in pool if t_pad <= c.kwargs["BLOCK_M"] <= max(64, t_pad)]
+
+    return triton.autotune(_CONFIGS + wide_configs, key=["S", "H", "HEAD_DIM"],
+                           prune_configs_by={"early_config_prune": prune})
 
 
 @triton.jit
@@ -84,7 +105,7 @@ def _scaled(x, scale_hi, scale_lo):
     return x
 
 
-@_tuned
+@_tuned(_WIDE_FWD_CONFIGS)
 @triton.jit
 def _temporal_fwd_kernel(
     qkv_ptr, out_ptr, lse_ptr,
@@ -130,11 +151,11 @@ def _temporal_fwd_kernel(
         tl.store(lse_rows + h, m + tl.log(l), mask=valid)
 
 
-@_tuned
+@_tuned(_WIDE_BWD_CONFIGS)
 @triton.jit
 def _temporal_bwd_kernel(
-    qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, dcls_ptr,
-    stride_qb, stride_ql, stride_ob, stride_ol, stride_db, stride_dl,
+    qkv_ptr, dout_ptr, lse_ptr, dqkv_ptr, dcls_ptr,
+    stride_qb, stride_ql, stride_db, stride_dl,
     stride_lb, stride_ll, stride_gb, stride_gl,
     G, S, H, base, group_stride, pos_stride, scale_hi, scale_lo, n_chunks,
     CLS_KEY: tl.constexpr, HEAD_DIM: tl.constexpr, T_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -142,7 +163,9 @@ def _temporal_bwd_kernel(
     BLOCK_M: tl.constexpr, HEADS: tl.constexpr,
 ):
     """dq, dk, dv of the groups in one tile for HEADS heads, from P recomputed with the saved
-    lse; with CLS_KEY also the partial cls dk/dv of each CLS_ROWS-row chunk of the tile."""
+    lse; with CLS_KEY also the partial cls dk/dv of each CLS_ROWS-row chunk of the tile.
+    Every key of a group is in the tile, so delta = rowsum(dO∘O) comes from P and dP without
+    reading out; each gradient is stored as soon as it is final, to free its registers."""
     pid_m = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     row, valid, key_ok = _tile_rows(pid_m, G, S, base, group_stride, pos_stride, T_PAD, BLOCK_M)
@@ -153,7 +176,6 @@ def _temporal_bwd_kernel(
     D = H * HEAD_DIM
     clip = qkv_ptr + b * stride_qb
     qkv_rows = clip + row * stride_ql
-    out_rows = out_ptr + b * stride_ob + (row - base) * stride_ol
     dout_rows = dout_ptr + b * stride_db + (row - base) * stride_dl
     lse_rows = lse_ptr + b * stride_lb + (row - base) * stride_ll
     dqkv_rows = dqkv_ptr + b * stride_gb + row * stride_gl
@@ -168,33 +190,38 @@ def _temporal_bwd_kernel(
         q = tl.load(qkv_rows[:, None] + col[None, :], mask=tile_ok, other=0.0)
         k = tl.load(qkv_rows[:, None] + (D + col)[None, :], mask=tile_ok, other=0.0)
         v = tl.load(qkv_rows[:, None] + (2 * D + col)[None, :], mask=tile_ok, other=0.0)
-        o = tl.load(out_rows[:, None] + col[None, :], mask=tile_ok, other=0.0)
         do = tl.load(dout_rows[:, None] + col[None, :], mask=tile_ok, other=0.0)
         lse = tl.load(lse_rows + h, mask=valid, other=0.0)
-        delta = tl.sum(do.to(ACC) * o.to(ACC), axis=1)
         s = _scaled(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), scale_hi, scale_lo)
         p = tl.where(p_ok, tl.exp(s - lse[:, None]), 0.0)
         dv = tl.dot(tl.trans(p.to(v.dtype)), do, input_precision=DOT_PRECISION)
+        tl.store(dqkv_rows[:, None] + (2 * D + col)[None, :], dv.to(q.dtype), mask=tile_ok)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = (p * (dp - delta[:, None])).to(q.dtype)
-        dq = tl.dot(ds, k, input_precision=DOT_PRECISION)
-        dk = tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
+        # delta = ΣP∘dP / ΣP: the division undoes lse's rounding, which ΣP = 1 would leave in
+        # (all-equal large logits); padding rows (ΣP = 0) divide by 1.
+        p_dp = tl.sum(p * dp, axis=1)
+        p_sum = tl.sum(p, axis=1)
         if CLS_KEY:
             k_cls = tl.load(clip + D + col, mask=d_ok, other=0.0).to(ACC)
             v_cls = tl.load(clip + 2 * D + col, mask=d_ok, other=0.0).to(ACC)
             s_cls = _scaled(tl.sum(q.to(ACC) * k_cls[None, :], axis=1), scale_hi, scale_lo)
             p_cls = tl.where(valid, tl.exp(s_cls - lse), 0.0)
-            ds_cls = p_cls * (tl.sum(do.to(ACC) * v_cls[None, :], axis=1) - delta)
+            dp_cls = tl.sum(do.to(ACC) * v_cls[None, :], axis=1)
+            p_dp += p_cls * dp_cls
+            p_sum += p_cls
+        delta = p_dp / tl.where(valid, p_sum, 1.0)
+        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        dk = _scaled(tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION), scale_hi, scale_lo)
+        tl.store(dqkv_rows[:, None] + (D + col)[None, :], dk.to(q.dtype), mask=tile_ok)
+        dq = tl.dot(ds, k, input_precision=DOT_PRECISION)
+        if CLS_KEY:
+            ds_cls = p_cls * (dp_cls - delta)
             dq += ds_cls[:, None] * k_cls[None, :]
             dk_cls = tl.sum(tl.reshape(ds_cls[:, None] * q.to(ACC), (CHUNKS, CLS_ROWS, BLOCK_D)), axis=1)
             dv_cls = tl.sum(tl.reshape(p_cls[:, None] * do.to(ACC), (CHUNKS, CLS_ROWS, BLOCK_D)), axis=1)
             tl.store(dcls_rows[:, None] + col[None, :], _scaled(dk_cls, scale_hi, scale_lo), mask=chunk_ok)
             tl.store(dcls_rows[:, None] + (D + col)[None, :], dv_cls, mask=chunk_ok)
-        dq = _scaled(dq, scale_hi, scale_lo)
-        dk = _scaled(dk, scale_hi, scale_lo)
-        tl.store(dqkv_rows[:, None] + col[None, :], dq.to(q.dtype), mask=tile_ok)
-        tl.store(dqkv_rows[:, None] + (D + col)[None, :], dk.to(q.dtype), mask=tile_ok)
-        tl.store(dqkv_rows[:, None] + (2 * D + col)[None, :], dv.to(q.dtype), mask=tile_ok)
+        tl.store(dqkv_rows[:, None] + col[None, :], _scaled(dq, scale_hi, scale_lo).to(q.dtype), mask=tile_ok)
 
 
 def _common(qkv: torch.Tensor, groups: Groups, scale: float):
@@ -228,7 +255,7 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
 def temporal_fwd(qkv: torch.Tensor, groups: Groups, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, N·T, H·Dh) contiguous, dtype of qkv; lse (B, N·T, H) float32 (float64 for fp64
     input), the natural log-sum-exp of each query row's scaled scores."""
-    assert not groups.cls_query and groups.seq_len <= MAX_SEQ and qkv.stride(-1) == 1
+    assert not groups.cls_query and groups.seq_len <= max_seq(groups.head_dim) and qkv.stride(-1) == 1
     assert qkv.shape[1] == groups.base + groups.num_patches
     bsz, rows, dim = qkv.shape[0], groups.num_patches, groups.num_heads * groups.head_dim
     acc_dtype = stats_dtype(qkv.dtype)
@@ -241,12 +268,13 @@ def temporal_fwd(qkv: torch.Tensor, groups: Groups, scale: float) -> tuple[torch
     return out, lse
 
 
-def temporal_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                 groups: Groups, scale: float) -> torch.Tensor:
-    """dqkv: a new contiguous tensor of qkv's shape and dtype, in qkv's layout (q|k|v)."""
-    assert not groups.cls_query and groups.seq_len <= MAX_SEQ and qkv.stride(-1) == 1
+def temporal_bwd(dout: torch.Tensor, qkv: torch.Tensor, lse: torch.Tensor, groups: Groups,
+                 scale: float) -> torch.Tensor:
+    """dqkv: a new contiguous tensor of qkv's shape and dtype, in qkv's layout (q|k|v). Needs
+    no forward output: delta is recomputed from the tile (see the kernel)."""
+    assert not groups.cls_query and groups.seq_len <= max_seq(groups.head_dim) and qkv.stride(-1) == 1
     assert qkv.shape[1] == groups.base + groups.num_patches
-    dout, out = _unit_last(dout), _unit_last(out)
+    dout = _unit_last(dout)
     assert lse.stride(-1) == 1
     bsz, dim = qkv.shape[0], groups.num_heads * groups.head_dim
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
@@ -259,9 +287,8 @@ def temporal_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: 
     n_chunks = triton.cdiv(groups.num_groups, cls_rows // t_pad) if groups.cls_key else 0
     dcls = torch.empty((bsz, n_chunks, 2, dim), dtype=lse.dtype, device=qkv.device) if groups.cls_key else dqkv
     _temporal_bwd_kernel[grid](
-        qkv, out, dout, lse, dqkv, dcls,
-        qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), dout.stride(0),
-        dout.stride(1), lse.stride(0), lse.stride(1), dqkv.stride(0), dqkv.stride(1),
+        qkv, dout, lse, dqkv, dcls,
+        qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), lse.stride(0), lse.stride(1), dqkv.stride(0), dqkv.stride(1),
         *args, n_chunks, CLS_ROWS=cls_rows, **consts)
     if groups.base:  # row 0, the cls token: its query takes no part in these groups
         dqkv[:, 0].zero_()
