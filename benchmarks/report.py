@@ -206,6 +206,10 @@ def markdown(rows: list[dict]) -> str:
         for model, mrows in models.items():
             out.extend(_e2e_table(model, mrows))
 
+    diffusion = [r for r in rows if r["kernel_name"].startswith("diffusion_")]
+    if diffusion:
+        out.extend(_diffusion_table(diffusion))
+
     targets = _targets(rows)
     if targets:
         out.append("## Targets (bf16, TimeSformer-base B=8)\n")
@@ -277,6 +281,29 @@ def _micro_table(kernel: str, dtype: str, rows: list[dict]) -> list[str]:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     return lines
+
+
+def _diffusion_table(rows: list[dict]) -> list[str]:
+    """Video diffusion (``benchmarks/diffusion.py``): median ms per case, mode and variant."""
+    lines = ["## Video diffusion (diffusers' temporal transformers)\n",
+             "Upstream (eager / sdpa) vs `tk.patch` (patched) / `tk.temporal_attention` (tk); shapes in "
+             "`benchmarks/diffusion.py`. Median ms (p20–p80), peak MiB of one call, speed-up vs the first variant.\n",
+             "| case | mode | variant | ms (p20–p80) | peak MiB | speed-up |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    keys = OrderedDict.fromkeys((r["kernel_name"], r["config"].get("mode"), r["kernel_provider"]) for r in rows)
+    for kernel, mode, variant in keys:
+        get = {r["metric"]: r for r in rows if (r["kernel_name"], r["config"].get("mode"), r["kernel_provider"])
+               == (kernel, mode, variant)}
+        case = kernel.replace("diffusion_", "")
+        if "step_ms" not in get:
+            lines.append(f"| {case} | {mode or ''} | {variant} | {'error' if 'error' in get else 'skipped'} | | |")
+            continue
+        s = get["step_ms"]
+        peak = f"{get['peak_mem_mb']['y_value_50']:.0f}" if "peak_mem_mb" in get else "–"
+        speed = next((r for m, r in get.items() if m.startswith("speedup_vs_")), None)
+        lines.append(f"| {case} | {mode} | {variant} | {s['y_value_50']:.3f} ({s['y_value_20']:.3f}–"
+                     f"{s['y_value_80']:.3f}) | {peak} | {_x(speed['y_value_50'] if speed else None)} |")
+    return lines + [""]
 
 
 def _e2e_table(model: str, rows: list[dict]) -> list[str]:

@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
                          "(default: all but torch on GPU; torch,hf_eager,sdpa,triton with --smoke)")
     ap.add_argument("--dtype", "--dtypes", dest="dtypes", default=None, help="bf16,fp16 (default; fp32 with --smoke)")
     ap.add_argument("--modes", default="fwd,bwd,fwd+bwd", help="fwd,bwd,fwd+bwd")
-    ap.add_argument("--sections", default="roofline,micro,e2e", help="roofline,micro,e2e")
+    ap.add_argument("--sections", default="roofline,micro,e2e,diffusion", help="roofline,micro,e2e,diffusion")
     ap.add_argument("--e2e-models", default="hf,lucidrains", help="hf,lucidrains")
     ap.add_argument("--e2e-variants", default=None,
                     help="eager,patched,compiled,compiled_patched (default; eager,patched with --smoke)")
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
             os.environ.setdefault("TRITON_INTERPRET", "1")
     device = torch.device(device_str)
 
-    from . import config, e2e, micro, peers, report, timing
+    from . import config, diffusion, e2e, micro, peers, report, timing
 
     smoke = args.smoke
     try:
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
             peers.DEFAULT_SMOKE if smoke else peers.DEFAULT_GPU)
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    sections = _split(args.sections, ("roofline", "micro", "e2e"), "--sections")
+    sections = _split(args.sections, ("roofline", "micro", "e2e", "diffusion"), "--sections")
     e2e_models = _split(args.e2e_models, e2e.MODELS, "--e2e-models")
     e2e_variants = _split(args.e2e_variants or ("eager,patched" if smoke else ",".join(e2e.VARIANTS)), e2e.VARIANTS,
                           "--e2e-variants")
@@ -194,6 +194,8 @@ def main(argv=None) -> int:
             except Exception as e:  # noqa: BLE001 - never lose the rows already written
                 ctx.failures.append(f"e2e {model_name}: {micro._short(e)}")
                 log(f"[e2e] {model_name}: ERROR {micro._short(e)}")
+    if "diffusion" in sections:
+        diffusion.run_all(ctx, smoke, label="[diffusion] ")
     if "micro" in sections:
         run_cases(tail)
     writer.close()

@@ -15,10 +15,10 @@ from collections import Counter
 from torch import nn
 
 from ..validation import check_backend
-from . import huggingface, lucidrains, mmaction, official
+from . import diffusers, huggingface, lucidrains, mmaction, official
 from ._common import NO_FORWARD, ORIGINAL_ATTR
 
-_FAMILIES = (huggingface, mmaction, official, lucidrains)
+_FAMILIES = (huggingface, mmaction, official, lucidrains, diffusers)
 log = logging.getLogger("timesformer_kernels")
 
 
@@ -41,7 +41,8 @@ def patch(model: nn.Module, backend: str = "auto") -> nn.Module:
         raise ValueError(
             f"model: tk.patch found no divided space-time attention layer in {type(model).__name__} "
             "(supported: Hugging Face TimesformerLayer, mmaction2 Divided*AttentionWithNorm, "
-            "official-structure Block, lucidrains TimeSformer Attention)")
+            "official-structure Block, lucidrains TimeSformer Attention, diffusers AnimateDiffTransformer3D, "
+            "TransformerTemporalModel, TemporalBasicTransformerBlock, LatteTransformer3DModel)")
     log.info("timesformer_kernels.patch: replaced %s (backend=%s)",
              ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())), backend)
     model.__dict__["_tk_patch_summary"] = dict(counts)

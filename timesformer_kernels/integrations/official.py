@@ -65,9 +65,10 @@ def _attention_like(attn) -> bool:
 
 
 def matches(module) -> bool:
-    if getattr(module, "attention_type", None) != "divided_space_time":
-        return False
+    # Parts first: reading attention_type of a diffusers model warns (a deprecated config attribute).
     if not all(isinstance(getattr(module, a, None), nn.Module) for a in _BLOCK_PARTS):
+        return False
+    if getattr(module, "attention_type", None) != "divided_space_time":
         return False
     if not (_attention_like(module.temporal_attn) and _attention_like(module.attn)):
         return False
