@@ -4,7 +4,7 @@ PY_H200 = $$(TK_STACK=h200 bash scripts/bootstrap.sh | tail -n 1)
 # Device-independent tests: the GPU hidden, Triton under its CPU interpreter.
 CPU_TESTS = CUDA_VISIBLE_DEVICES= $$py -m pytest tests -q -m "not gpu"
 
-.PHONY: demo test test-h200-stack gpu gpu-wheels bench-smoke
+.PHONY: demo test test-h200-stack gpu gpu-wheels static-report bytes-report bench-smoke
 
 demo:  ## swap the fused attention into a Hugging Face TimeSformer, check it matches, time it
 	py=$(PY) && $$py examples/demo.py
@@ -27,6 +27,13 @@ gpu:  ## on a GPU machine: build, GPU tests and the full benchmark, results unde
 gpu-wheels:  ## download the wheels `make gpu` carries to the lent machine (Python 3.12) into .whl/
 	python3 -m pip download -q --no-deps -d .whl --only-binary=:all: --python-version 3.12 \
 		--platform manylinux_2_17_x86_64 numpy==2.2.6 diffusers==0.42.1 importlib_metadata==10.2.0 zipp timesformer-pytorch==0.4.1
+
+static-report:  ## compile every Triton kernel for sm_90/sm_80 under both stacks (no GPU) -> benchmarks/results/static/
+	py=$(PY) && TRITON_INTERPRET=0 $$py -m benchmarks.static --out benchmarks/results/static
+	py=$(PY_H200) && TRITON_INTERPRET=0 $$py -m benchmarks.static --out benchmarks/results/static
+
+bytes-report:  ## count the bytes the kernels and the unfused peers move (interpreter, no GPU) -> benchmarks/results/bytes/
+	py=$(PY) && $$py -m benchmarks.bytes --out benchmarks/results/bytes
 
 bench-smoke:  ## the benchmark harness on a tiny CPU configuration
 	py=$(PY) && $$py -m benchmarks.run --smoke
