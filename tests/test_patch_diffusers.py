@@ -423,3 +423,24 @@ def test_gpu_bf16_matches_unpatched(backend, family, train, fused_ops, resolved_
     check_patched_bf16(model, patched, forward, x, train, seed=123)
     assert_kernels_ran(resolved_backends, backend, FUSED_OPS[family])
     assert not fallback_warnings()
+
+
+@pytest.mark.parametrize("direction", ["from_channels", "to_channels"])
+@pytest.mark.parametrize("features_out, pixels", [(4, 16), (12, 5)])  # both weight-gradient schemes
+def test_channel_first_linears_match_nn_linear(direction, features_out, pixels):
+    """proj_in / proj_out as batched GEMMs on transposed views: output and the input, weight and
+    bias gradients equal nn.Linear's on the permuted tensor, with either weight-gradient scheme
+    (a batched product summed over frames, or one GEMM over a copy)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(8, features_out).double()
+    if direction == "from_channels":  # (B·F, C, S) -> (B·F, S, out)
+        x = torch.randn(3, 8, pixels, dtype=torch.float64, requires_grad=True)
+        fused, ref = diffusers_ops.linear_from_channels(x, lin), lin(x.mT)
+    else:  # (B·F, S, C) -> (B·F, out, S)
+        x = torch.randn(3, pixels, 8, dtype=torch.float64, requires_grad=True)
+        fused, ref = diffusers_ops.linear_to_channels(x, lin), lin(x).mT
+    torch.testing.assert_close(fused, ref)
+    grad = torch.randn_like(ref)
+    for got, want in zip(torch.autograd.grad(fused, (x, lin.weight, lin.bias), grad),
+                         torch.autograd.grad(ref, (x, lin.weight, lin.bias), grad)):
+        torch.testing.assert_close(got, want)

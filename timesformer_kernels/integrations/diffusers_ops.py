@@ -26,15 +26,36 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def linear_from_channels(x: Tensor, linear: nn.Linear) -> Tensor:
-    """``linear`` applied to every pixel of channel-first x (B·F, C, S): (B·F, S, out), one
-    batched GEMM reading x through its transpose (no copy of x)."""
-    dtype = compute_dtype(x)
-    weight = linear.weight.to(dtype).t().expand(x.shape[0], -1, -1)  # (B·F, C, out), a view
-    x = x.to(dtype).mT
-    if linear.bias is None:
-        return torch.bmm(x, weight)
-    return torch.baddbmm(linear.bias.to(dtype), x, weight)
+def _weight_grad(a: Tensor, b: Tensor) -> Tensor:
+    """sum_i a[i] @ b[i] for contiguous a (n, p, s), b (n, s, q): the weight gradient of a GEMM
+    batched over frames. Either a batched GEMM and a sum over its (n, p, q) result, or one GEMM
+    after copying a to (p, n·s); whichever temporary is smaller (q <= s: the product, else the
+    copy of a)."""
+    n, p, s = a.shape
+    if b.shape[2] <= s:
+        return torch.bmm(a, b).sum(0)
+    return a.transpose(0, 1).reshape(p, n * s) @ b.reshape(n * s, -1)
+
+
+class _LinearFromChannels(torch.autograd.Function):
+    """y (B·F, S, out) = x[i]ᵀ @ weightᵀ + bias for channel-first x (B·F, in, S): one batched
+    GEMM reading x through its transpose. Autograd's rule for an expanded weight would build
+    a (B·F, in, out) gradient and sum it; ``_weight_grad`` picks the cheaper way."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        w = weight.t().expand(x.shape[0], -1, -1)
+        return torch.bmm(x.mT, w) if bias is None else torch.baddbmm(bias, x.mT, w)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        dx = torch.bmm(weight.t().expand(x.shape[0], -1, -1), grad.mT) if ctx.needs_input_grad[0] else None
+        dw = _weight_grad(x, grad).t() if ctx.needs_input_grad[1] else None
+        db = grad.sum((0, 1)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db
 
 
 class _LinearToChannels(torch.autograd.Function):
@@ -53,17 +74,27 @@ class _LinearToChannels(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         h, weight = ctx.saved_tensors
         dh = torch.bmm(grad.mT, weight.expand(h.shape[0], -1, -1)) if ctx.needs_input_grad[0] else None
-        dw = torch.bmm(grad, h).sum(0) if ctx.needs_input_grad[1] else None
+        dw = _weight_grad(grad, h) if ctx.needs_input_grad[1] else None
         db = grad.sum((0, 2)) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dh, dw, db
 
 
+def _params(linear: nn.Linear, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    return linear.weight.to(dtype), None if linear.bias is None else linear.bias.to(dtype)
+
+
+def linear_from_channels(x: Tensor, linear: nn.Linear) -> Tensor:
+    """``linear`` applied to every pixel of channel-first x (B·F, C, S): (B·F, S, out), no copy
+    of x in the forward."""
+    dtype = compute_dtype(x)
+    return _LinearFromChannels.apply(x.to(dtype), *_params(linear, dtype))
+
+
 def linear_to_channels(h: Tensor, linear: nn.Linear) -> Tensor:
-    """``linear`` applied to tokens h (B·F, S, in), written channel-first (B·F, out, S): one
-    batched GEMM reading h through its transpose (no copy of h or of the result)."""
+    """``linear`` applied to tokens h (B·F, S, in), written channel-first (B·F, out, S): no copy
+    of h or of the result in the forward."""
     dtype = compute_dtype(h)
-    bias = None if linear.bias is None else linear.bias.to(dtype)
-    return _LinearToChannels.apply(h.to(dtype), linear.weight.to(dtype), bias)
+    return _LinearToChannels.apply(h.to(dtype), *_params(linear, dtype))
 
 
 def group_norm_clips(x: Tensor, batch: int, frames: int, norm: nn.GroupNorm) -> Tensor:
