@@ -24,8 +24,9 @@ gpu:  ## on a GPU machine: build, GPU tests and the full benchmark, results unde
 # The lent machine has no package registry: these pure-Python wheels (and numpy 2.2 for Triton
 # 3.6's interpreter) travel with the tree (the device tool's carry: [".whl"]), and gpu.sh
 # installs them there.
+GPU_PY ?= 3.12
 gpu-wheels:  ## download the wheels `make gpu` carries to the lent machine (Python 3.12) into .whl/
-	python3 -m pip download -q --no-deps -d .whl --only-binary=:all: --python-version 3.12 \
+	python3 -m pip download -q --no-deps -d .whl --only-binary=:all: --python-version $(GPU_PY) \
 		--platform manylinux_2_17_x86_64 numpy==2.2.6 diffusers==0.42.1 importlib_metadata==10.2.0 zipp timesformer-pytorch==0.4.1
 
 static-report:  ## compile every Triton kernel for sm_90/sm_80 under both stacks (no GPU) -> benchmarks/results/static/

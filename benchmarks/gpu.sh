@@ -187,7 +187,13 @@ EOF
       CUDA_VISIBLE_DEVICES= PYTHONPATH=${NUMPY_SITE:+$NUMPY_SITE:}${PYTHONPATH:-} timeout $cap \
         $PY -m pytest tests -m "not gpu and not slow" -q -x --benchmark-disable -p no:cacheprovider
       rc=$?
-      record cpu-tests "$(status $rc)" "cap ${cap}s${NUMPY_SITE:+, carried numpy}"
+      # The interpreter is single-threaded: the whole suite does not fit a lease. What ran is
+      # a sample; CI runs all of it on this torch/triton.
+      if [ $rc = 124 ]; then
+        record cpu-tests PART "stopped at the ${cap}s cap, no failure before it${NUMPY_SITE:+; carried numpy}"
+      else
+        record cpu-tests "$(status $rc)" "cap ${cap}s${NUMPY_SITE:+, carried numpy}"
+      fi
     else
       record cpu-tests SKIP "only $(left)s left"
     fi
