@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true",
                     help="CI subset: bf16, head dim 64 (or --head-dims), per kernel the config with the largest "
                          "tiles, both targets (no HR shape)")
-    ap.add_argument("--jobs", type=int, default=2, help="worker processes (at most 2 on the shared CI machine)")
+    ap.add_argument("--jobs", type=int, default=2, help="worker processes (default 2, the CI machine's cores)")
     ap.add_argument("--dtypes", default="bf16,fp16,fp32")
     ap.add_argument("--head-dims", default=None,
                     help=f"default {DEFAULT_HEAD_DIMS} (64 with --quick), kept where the Triton backend supports "
@@ -77,8 +77,8 @@ def _write_markdown(out: str, tools: dict) -> None:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    if not 1 <= args.jobs <= 2:
-        raise SystemExit(f"--jobs must be 1 or 2, got {args.jobs}")
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
     from . import aot, report, sweep
 
     tools = {name: aot.tool(name) for name in ("cuobjdump", "ptxas")}
