@@ -594,8 +594,8 @@ def section_kernels(rep: Report, shape: Shape, itemsize: int, counts: dict, tili
                "unmasked lane of every `tl.load` / `tl.store`; distinct: different bytes touched (what an ideal "
                "cache would fetch from DRAM); x distinct = (loaded + stored) / distinct, the re-read factor. "
                "Minimum per op and direction: forward qkv + out + lse (spatial: + cls_out, cls_lse), backward "
-               "qkv + out + dout + lse + dqkv (spatial: + dcls_out, cls_lse and the fp32 per-frame-group cls "
-               "partials), each once. `torch ops in the op` are the op's own allocations, zero fills and the cls "
+               "qkv + dout + lse + dqkv (temporal: `out` need not be read, see benchmarks/config.py; spatial: "
+               "+ out, dcls_out, cls_out, cls_lse and the fp32 per-frame-group cls partials), each once. `torch ops in the op` are the op's own allocations, zero fills and the cls "
                "row reduction; `autograd` is the zero gradient autograd makes for the non-differentiable lse.", ""]
     lines = []
     for (op, mode), (records, launches) in counts.items():

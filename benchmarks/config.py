@@ -21,9 +21,11 @@ forward saves for its backward is a few percent and not counted):
     temporal fwd  read q, k, v of the P patch rows, write out:      s·B·D·(3·P + P)
     spatial  fwd  read q, k, v of all 1 + P rows, write out and
                   cls_out (one cls output per frame group, B·T·D):   s·B·D·(3·(1 + P) + P + T)
-    bwd           read qkv, out and dout, write dqkv:
-                  temporal  s·B·D·(3·P + P + P + 3·P) = 8·s·B·D·P
-                  spatial   s·B·D·(3·(1 + P) + 2·(P + T) + 3·(1 + P))
+    bwd           temporal  read qkv and dout, write dqkv:  s·B·D·(3·P + P + 3·P) = 7·s·B·D·P
+                            (all keys of a group are in one tile, so rowsum(dO∘O) comes from
+                            P and dP as ΣP∘dP / ΣP: ``out`` need not be read)
+                  spatial   read qkv, out and dout (with the cls rows), write dqkv:
+                            s·B·D·(3·(1 + P) + 2·(P + T) + 3·(1 + P))
     fwd+bwd       fwd + bwd.
 
 These are the floors the roofline percentages use: time_floor = bytes / copy bandwidth
@@ -172,7 +174,7 @@ def bytes_moved(op: str, shape: Shape, mode: str, itemsize: int) -> float:
     b, t, d = shape.batch, shape.frames, shape.dim
     p = shape.patches * t
     if op == "temporal":
-        fwd, bwd = 4 * p, 8 * p
+        fwd, bwd = 4 * p, 7 * p
     else:
         fwd = 3 * (1 + p) + p + t
         bwd = 6 * (1 + p) + 2 * (p + t)
