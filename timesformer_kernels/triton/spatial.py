@@ -29,6 +29,7 @@ import triton.language as tl
 
 from ..backends import interpreting
 from ..layout import Groups, stats_dtype
+from . import target
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 # float32 inputs: three tf32 tensor-core products are about as exact as float32 FMA, which
@@ -39,9 +40,10 @@ WIDE_HEAD_DIM = 128  # head dims above it (BLOCK_D = 256) take the wide configs
 _TUNE_KEY = ["seq_len", "HEAD_DIM", "HAS_CLS_KEY", "HAS_CLS_QUERY"]  # Triton adds the dtypes
 
 
-def _tuned(narrow, wide):
+def _tuned(narrow, wide, hopper_only=()):
     """Autotune over configs (BLOCK_M, BLOCK_N, num_warps, num_stages): ``narrow`` for
-    BLOCK_D <= WIDE_HEAD_DIM, ``wide`` for head dims up to 256. The interpreter gets one
+    BLOCK_D <= WIDE_HEAD_DIM, ``wide`` for head dims up to 256, less ``hopper_only`` (configs
+    that spill on the A100) before sm_90 (``target.py``). The interpreter gets one
     small config instead, because it autotunes by running every config and 16-row tiles
     already exercise the multi-tile paths at small N."""
     if interpreting():
@@ -49,7 +51,11 @@ def _tuned(narrow, wide):
                                key=_TUNE_KEY)
 
     def prune(configs, nargs, **kwargs):
-        return configs[len(narrow):] if kwargs["BLOCK_D"] > WIDE_HEAD_DIM else configs[:len(narrow)]
+        pool = configs[len(narrow):] if kwargs["BLOCK_D"] > WIDE_HEAD_DIM else configs[:len(narrow)]
+        if target.capability_major() >= target.HOPPER:
+            return pool
+        return [c for c in pool
+                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) not in hopper_only]
 
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                for m, n, w, s in narrow + wide]
@@ -72,6 +78,10 @@ _BWD_DKDV_CONFIGS = [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (32, 128
 _WIDE_FWD_CONFIGS = [(64, 32, 8, 2), (64, 32, 8, 3), (32, 32, 4, 2)]
 _WIDE_DQ_CONFIGS = [(64, 32, 8, 2), (32, 32, 4, 2)]
 _WIDE_DKDV_CONFIGS = [(32, 64, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)]
+# Hopper-only (pruned before sm_90): these spill on sm_80 (ptxas, bf16 Dh 64, Triton 3.6 /
+# 3.8: dQ 72 / 80 B and 48 / 40 B; dK/dV 8-24 B on 3.6).
+_SM90_DQ_CONFIGS = {(128, 128, 8, 2), (64, 128, 4, 2)}
+_SM90_DKDV_CONFIGS = {(64, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3)}
 
 
 @triton.jit
@@ -179,7 +189,7 @@ def _spatial_fwd_kernel(
             tl.store(cls_lse + bg.to(tl.int64) * num_heads + h, tl.sum(tl.where(is_cls, row_lse, 0.0), axis=0))
 
 
-@_tuned(_BWD_DQ_CONFIGS, _WIDE_DQ_CONFIGS)
+@_tuned(_BWD_DQ_CONFIGS, _WIDE_DQ_CONFIGS, _SM90_DQ_CONFIGS)
 @triton.jit
 def _spatial_bwd_dq_kernel(
     qkv, out, dout, lse, cls_out, dcls_out, cls_lse, dqkv, cls_grad, delta,
@@ -254,7 +264,7 @@ def _spatial_bwd_dq_kernel(
             tl.store(cls_grad + bg.to(tl.int64) * 3 * hd + h * HEAD_DIM + offs_d, dq_cls, mask=d_ok)
 
 
-@_tuned(_BWD_DKDV_CONFIGS, _WIDE_DKDV_CONFIGS)
+@_tuned(_BWD_DKDV_CONFIGS, _WIDE_DKDV_CONFIGS, _SM90_DKDV_CONFIGS)
 @triton.jit
 def _spatial_bwd_dkdv_kernel(
     qkv, dout, lse, dcls_out, cls_lse, dqkv, cls_grad, delta,
