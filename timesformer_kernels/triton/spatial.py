@@ -32,6 +32,12 @@ from ..layout import Groups, stats_dtype
 from . import target
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+# The backward's per-query statistics (delta, log2-domain lse) of one (batch, group, head):
+# the cls query at STATS_LEAD - 1, patch query i at STATS_LEAD + i, zeros up to the row's end
+# (a multiple of the largest query tile), so dK/dV loads whole 16-byte-aligned blocks of them
+# without a mask.
+STATS_LEAD: tl.constexpr = tl.constexpr(16)
+_STATS_TILE = 128  # a multiple of every dK/dV BLOCK_M: whole query blocks stay in the row
 # float32 inputs: three tf32 tensor-core products are about as exact as float32 FMA, which
 # spills heavily on Hopper. fp16/bf16 ignore it.
 DOT_PRECISION: tl.constexpr = tl.constexpr("tf32x3")
@@ -192,14 +198,15 @@ def _spatial_fwd_kernel(
 @_tuned(_BWD_DQ_CONFIGS, _WIDE_DQ_CONFIGS, _SM90_DQ_CONFIGS)
 @triton.jit
 def _spatial_bwd_dq_kernel(
-    qkv, out, dout, lse, cls_out, dcls_out, cls_lse, dqkv, cls_grad, delta,
+    qkv, out, dout, lse, cls_out, dcls_out, cls_lse, dqkv, cls_grad, delta, lse2_rows,
     stride_qkv_b, stride_qkv_l, stride_do_b, stride_do_l, stride_dcls_b, stride_dcls_g,
-    num_heads, num_groups, seq_len, group_stride, pos_stride, base, scale,
+    num_heads, num_groups, seq_len, group_stride, pos_stride, base, scale, stats_stride,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_CLS_KEY: tl.constexpr,
     HAS_CLS_QUERY: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dQ of one BLOCK_M tile of queries; also saves delta = rowsum(dO·O) for the dK/dV
-    kernel, which runs after it (saves a preprocess launch and a second read of dO)."""
+    """dQ of one BLOCK_M tile of queries; also saves delta = rowsum(dO·O) and lse·log2(e)
+    for the dK/dV kernel, which runs after it (saves a preprocess launch and a second read
+    of dO), in the STATS_LEAD layout."""
     num_q = seq_len + HAS_CLS_QUERY
     pid_m, bgh, bg, b, g, h = _program_ids(tl.program_id(0), tl.cdiv(num_q, BLOCK_M), num_heads, num_groups)
     hd = num_heads * HEAD_DIM
@@ -228,9 +235,11 @@ def _spatial_bwd_dq_kernel(
         o = tl.where(is_cls[:, None], o_cls[None, :], o)
         row_lse = tl.where(is_cls, tl.load(cls_lse + bg.to(tl.int64) * num_heads + h), row_lse)
     row_delta = tl.sum(do.to(ACC) * o, axis=1)
-    tl.store(delta + bgh.to(tl.int64) * num_q + offs_m, row_delta, mask=q_ok)
     sm_scale, qk_scale, log2e = _scales(scale, ACC)
     lse2 = row_lse * log2e
+    stats = bgh.to(tl.int64) * stats_stride + STATS_LEAD - HAS_CLS_QUERY + offs_m
+    tl.store(delta + stats, row_delta, mask=q_ok)
+    tl.store(lse2_rows + stats, lse2, mask=q_ok)
 
     if HAS_CLS_KEY:
         k_cls = tl.load(qkv_b + hd + h * HEAD_DIM + offs_d, mask=d_ok, other=0.0).to(ACC)
@@ -267,9 +276,9 @@ def _spatial_bwd_dq_kernel(
 @_tuned(_BWD_DKDV_CONFIGS, _WIDE_DKDV_CONFIGS, _SM90_DKDV_CONFIGS)
 @triton.jit
 def _spatial_bwd_dkdv_kernel(
-    qkv, dout, lse, dcls_out, cls_lse, dqkv, cls_grad, delta,
+    qkv, dout, dcls_out, dqkv, cls_grad, delta, lse2_rows,
     stride_qkv_b, stride_qkv_l, stride_do_b, stride_do_l, stride_dcls_b, stride_dcls_g,
-    num_heads, num_groups, seq_len, group_stride, pos_stride, base, scale,
+    num_heads, num_groups, seq_len, group_stride, pos_stride, base, scale, stats_stride,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_CLS_KEY: tl.constexpr,
     HAS_CLS_QUERY: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -277,7 +286,6 @@ def _spatial_bwd_dkdv_kernel(
     Works on transposed scores (keys x queries) so both products accumulate without
     transposing the probabilities."""
     num_k = seq_len + HAS_CLS_KEY
-    num_q = seq_len + HAS_CLS_QUERY
     pid_n, bgh, bg, b, g, h = _program_ids(tl.program_id(0), tl.cdiv(num_k, BLOCK_N), num_heads, num_groups)
     hd = num_heads * HEAD_DIM
     qkv_b = qkv + b.to(tl.int64) * stride_qkv_b
@@ -290,16 +298,17 @@ def _spatial_bwd_dkdv_kernel(
     k = _load_rows(qkv_b, kv_rows, stride_qkv_l, hd + h * HEAD_DIM, offs_d, k_ok, HEAD_DIM)
     v = _load_rows(qkv_b, kv_rows, stride_qkv_l, 2 * hd + h * HEAD_DIM, offs_d, k_ok, HEAD_DIM)
     num_patches = num_groups * seq_len
-    delta_g = delta + bgh.to(tl.int64) * num_q
-    sm_scale, qk_scale, log2e = _scales(scale, ACC)
+    stats = bgh.to(tl.int64) * stats_stride + STATS_LEAD  # patch query 0
+    delta_g = delta + stats
+    lse2_g = lse2_rows + stats
+    sm_scale, qk_scale, _ = _scales(scale, ACC)
 
     if HAS_CLS_QUERY:
         q_cls = tl.load(qkv_b + h * HEAD_DIM + offs_d, mask=d_ok, other=0.0).to(ACC)
         do_cls = tl.load(dcls_out + b.to(tl.int64) * stride_dcls_b + g * stride_dcls_g + h * HEAD_DIM + offs_d,
                          mask=d_ok, other=0.0).to(ACC)
-        lse2_cls = tl.load(cls_lse + bg.to(tl.int64) * num_heads + h) * log2e
-        p_cls = tl.exp2(tl.sum(k.to(ACC) * q_cls[None, :], axis=1) * qk_scale - lse2_cls)
-        ds_cls = p_cls * (tl.sum(v.to(ACC) * do_cls[None, :], axis=1) - tl.load(delta_g))
+        p_cls = tl.exp2(tl.sum(k.to(ACC) * q_cls[None, :], axis=1) * qk_scale - tl.load(lse2_g - 1))
+        ds_cls = p_cls * (tl.sum(v.to(ACC) * do_cls[None, :], axis=1) - tl.load(delta_g - 1))
         dv = p_cls[:, None] * do_cls[None, :]
         dk = ds_cls[:, None] * q_cls[None, :]
     else:
@@ -307,16 +316,15 @@ def _spatial_bwd_dkdv_kernel(
         dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
 
     do_b = dout + b.to(tl.int64) * stride_do_b
-    lse_b = lse + b.to(tl.int64) * num_patches * num_heads + h
     for start_m in range(0, seq_len, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q_ok = offs_m < seq_len
         q_rows = _group_rows(offs_m, g_row, pos_stride, base, False)
         q = _load_rows(qkv_b, q_rows, stride_qkv_l, h * HEAD_DIM, offs_d, q_ok, HEAD_DIM)
         do = _load_rows(do_b, q_rows - base, stride_do_l, h * HEAD_DIM, offs_d, q_ok, HEAD_DIM).to(q.dtype)
-        # lse = +inf on padded queries zeroes their probabilities without a mask on p.
-        lse2 = tl.load(lse_b + (q_rows - base) * num_heads, mask=q_ok, other=float("inf")) * log2e
-        row_delta = tl.load(delta_g + HAS_CLS_QUERY + offs_m, mask=q_ok, other=0.0)
+        # Padded queries read delta = lse = 0 (p = 1) but have q = dO = 0: they add nothing.
+        lse2 = tl.load(lse2_g + offs_m)
+        row_delta = tl.load(delta_g + offs_m)
         p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION).to(ACC) * qk_scale - lse2[None, :])
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION).to(ACC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION).to(ACC)
@@ -396,7 +404,8 @@ def spatial_bwd(dout, dcls_out, qkv, out, cls_out, lse, cls_lse, groups: Groups,
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     num_q = groups.seq_len + int(groups.cls_query)
     num_k = groups.seq_len + int(groups.cls_key)
-    delta = torch.empty(b * g * h, num_q, dtype=stat_dtype, device=qkv.device)
+    stats_stride = STATS_LEAD.value + triton.cdiv(groups.seq_len, _STATS_TILE) * _STATS_TILE
+    delta, lse2 = torch.zeros(2, b * g * h, stats_stride, dtype=stat_dtype, device=qkv.device)
     # Per-group shares of the cls token's gradient, laid out like a qkv row; the parts no
     # kernel writes (no cls key, or no cls query) stay zero.
     cls_grad = torch.zeros(b, g, 3 * hd, dtype=stat_dtype, device=qkv.device) if groups.base else delta
@@ -405,12 +414,12 @@ def spatial_bwd(dout, dcls_out, qkv, out, cls_out, lse, cls_lse, groups: Groups,
     else:  # placeholders the kernels never touch
         dcls_out, cls_out, cls_lse = dout, out, lse
     strides = (qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), dcls_out.stride(0), dcls_out.stride(1))
-    args = _group_args(groups, scale)
+    args = (*_group_args(groups, scale), stats_stride)
 
     _spatial_bwd_dq_kernel[lambda m: (triton.cdiv(num_q, m["BLOCK_M"]) * b * g * h,)](
-        qkv, out, dout, lse, cls_out, dcls_out, cls_lse, dqkv, cls_grad, delta, *strides, *args, **meta)
+        qkv, out, dout, lse, cls_out, dcls_out, cls_lse, dqkv, cls_grad, delta, lse2, *strides, *args, **meta)
     _spatial_bwd_dkdv_kernel[lambda m: (triton.cdiv(num_k, m["BLOCK_N"]) * b * g * h,)](
-        qkv, dout, lse, dcls_out, cls_lse, dqkv, cls_grad, delta, *strides, *args, **meta)
+        qkv, dout, dcls_out, dqkv, cls_grad, delta, lse2, *strides, *args, **meta)
     if groups.base:
         dqkv[:, 0] = cls_grad.sum(1).to(qkv.dtype)
     return dqkv
