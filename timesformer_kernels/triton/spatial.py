@@ -103,9 +103,54 @@ def _group_rows(idx, g_row, pos_stride, base, HAS_CLS: tl.constexpr):
 
 @triton.jit
 def _load_rows(ptr, rows, stride_row, col, offs_d, row_ok, HEAD_DIM: tl.constexpr):
-    """(len(rows), BLOCK_D) tile of channels col .. col + HEAD_DIM, zero where masked."""
-    return tl.load(ptr + rows[:, None] * stride_row + (col + offs_d)[None, :],
-                   mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    """(len(rows), BLOCK_D) tile of channels col .. col + HEAD_DIM, zero where masked;
+    row_ok None: every row is in range."""
+    if row_ok is None:
+        mask = (offs_d < HEAD_DIM)[None, :]
+    else:
+        mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    return tl.load(ptr + rows[:, None] * stride_row + (col + offs_d)[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _fwd_step(q, m_i, l_i, acc, qkv_b, start_n, seq_len, g_row, pos_stride, base, stride_qkv_l, k_col, v_col,
+              offs_d, qk_scale, HEAD_DIM: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASKED: tl.constexpr):
+    """One key block of the online softmax: the new (m_i, l_i, acc). Only the last, partial
+    block is MASKED: the loop over the whole blocks before it carries no masks."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    kv_rows = _group_rows(offs_n, g_row, pos_stride, base, False)
+    k_ok = offs_n < seq_len if MASKED else None
+    k = _load_rows(qkv_b, kv_rows, stride_qkv_l, k_col, offs_d, k_ok, HEAD_DIM)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(ACC) * qk_scale
+    if MASKED:
+        s = tl.where(k_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = _load_rows(qkv_b, kv_rows, stride_qkv_l, v_col, offs_d, k_ok, HEAD_DIM)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(ACC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse2, row_delta, qkv_b, start_n, seq_len, g_row, pos_stride, base, stride_qkv_l, k_col,
+             v_col, offs_d, qk_scale, HEAD_DIM: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+             MASKED: tl.constexpr):
+    """One key block of dQ: dq + dS·K (MASKED as in _fwd_step)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    kv_rows = _group_rows(offs_n, g_row, pos_stride, base, False)
+    k_ok = offs_n < seq_len if MASKED else None
+    k = _load_rows(qkv_b, kv_rows, stride_qkv_l, k_col, offs_d, k_ok, HEAD_DIM)
+    v = _load_rows(qkv_b, kv_rows, stride_qkv_l, v_col, offs_d, k_ok, HEAD_DIM)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(ACC) * qk_scale
+    p = tl.exp2(s - lse2[:, None])
+    if MASKED:  # padded keys load as zeros, so their score is 0, not -inf: mask p itself
+        p = tl.where(k_ok[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION).to(ACC)
+    ds = p * (dp - row_delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION).to(ACC)
 
 
 @triton.jit
@@ -162,20 +207,15 @@ def _spatial_fwd_kernel(
         l_i = tl.zeros([BLOCK_M], ACC)
         acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
 
-    for start_n in range(0, seq_len, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ok = offs_n < seq_len
-        kv_rows = _group_rows(offs_n, g_row, pos_stride, base, False)
-        k = _load_rows(qkv_b, kv_rows, stride_qkv_l, hd + h * HEAD_DIM, offs_d, k_ok, HEAD_DIM)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(ACC) * qk_scale
-        s = tl.where(k_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _load_rows(qkv_b, kv_rows, stride_qkv_l, 2 * hd + h * HEAD_DIM, offs_d, k_ok, HEAD_DIM)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(ACC)
-        m_i = m_new
+    whole = seq_len - seq_len % BLOCK_N
+    for start_n in range(0, whole, BLOCK_N):
+        m_i, l_i, acc = _fwd_step(q, m_i, l_i, acc, qkv_b, start_n, seq_len, g_row, pos_stride, base, stride_qkv_l,
+                                  hd + h * HEAD_DIM, 2 * hd + h * HEAD_DIM, offs_d, qk_scale, HEAD_DIM, ACC, BLOCK_N,
+                                  False)
+    if whole < seq_len:
+        m_i, l_i, acc = _fwd_step(q, m_i, l_i, acc, qkv_b, whole, seq_len, g_row, pos_stride, base, stride_qkv_l,
+                                  hd + h * HEAD_DIM, 2 * hd + h * HEAD_DIM, offs_d, qk_scale, HEAD_DIM, ACC, BLOCK_N,
+                                  True)
 
     acc = acc / l_i[:, None]
     row_lse = (m_i + tl.log2(l_i)) / log2e  # natural log, as the contract says
@@ -250,18 +290,13 @@ def _spatial_bwd_dq_kernel(
     else:
         dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
 
-    for start_n in range(0, seq_len, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ok = offs_n < seq_len
-        kv_rows = _group_rows(offs_n, g_row, pos_stride, base, False)
-        k = _load_rows(qkv_b, kv_rows, stride_qkv_l, hd + h * HEAD_DIM, offs_d, k_ok, HEAD_DIM)
-        v = _load_rows(qkv_b, kv_rows, stride_qkv_l, 2 * hd + h * HEAD_DIM, offs_d, k_ok, HEAD_DIM)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(ACC) * qk_scale
-        # Padded keys load as zeros, so their score is 0, not -inf: mask p itself.
-        p = tl.where(k_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION).to(ACC)
-        ds = p * (dp - row_delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION).to(ACC)
+    whole = seq_len - seq_len % BLOCK_N
+    for start_n in range(0, whole, BLOCK_N):
+        dq = _dq_step(dq, q, do, lse2, row_delta, qkv_b, start_n, seq_len, g_row, pos_stride, base, stride_qkv_l,
+                      hd + h * HEAD_DIM, 2 * hd + h * HEAD_DIM, offs_d, qk_scale, HEAD_DIM, ACC, BLOCK_N, False)
+    if whole < seq_len:
+        dq = _dq_step(dq, q, do, lse2, row_delta, qkv_b, whole, seq_len, g_row, pos_stride, base, stride_qkv_l,
+                      hd + h * HEAD_DIM, 2 * hd + h * HEAD_DIM, offs_d, qk_scale, HEAD_DIM, ACC, BLOCK_N, True)
 
     dq = dq * sm_scale
     dqkv_b = dqkv + b.to(tl.int64) * (num_patches + base) * 3 * hd
