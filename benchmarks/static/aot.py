@@ -33,6 +33,7 @@ from triton.runtime.jit import JITFunction, KernelInterface, create_function_fro
 
 from timesformer_kernels import backends
 from timesformer_kernels import triton as tk_triton
+from timesformer_kernels.triton import target as tk_target
 from timesformer_kernels.layout import spatial_groups, temporal_groups
 
 TARGETS = {"sm_90": GPUTarget("cuda", 90, 32), "sm_80": GPUTarget("cuda", 80, 32)}
@@ -116,12 +117,14 @@ def record_launches(batch: int, frames: int, patches: int, heads: int, head_dim:
     return launches
 
 
-def configs(launch: Launch) -> list[triton.Config]:
-    """The configs the autotuner would benchmark for this launch (after its pruning), or the
-    launch's own meta-parameters for a kernel without autotuning."""
+def configs(launch: Launch, target: GPUTarget) -> list[triton.Config]:
+    """The configs the autotuner would benchmark for this launch on ``target`` (after its
+    pruning, which drops Hopper-only configs before sm_90), or the launch's own
+    meta-parameters for a kernel without autotuning."""
     if isinstance(launch.kernel, Autotuner):
         launch.kernel.nargs = dict(zip(launch.kernel.arg_names, launch.args))
-        return list(launch.kernel.prune_configs(dict(launch.kwargs)))
+        with tk_target.compiling_for(target.arch // 10):
+            return list(launch.kernel.prune_configs(dict(launch.kwargs)))
     return [triton.Config({})]
 
 

@@ -74,8 +74,10 @@ def _temporal_iters(a: dict, grid: tuple) -> int:
 
 
 def _key_loop_iters(a: dict, grid: tuple) -> int:
-    """``for start_n in range(0, seq_len, BLOCK_N)`` in every program."""
-    return math.prod(grid) * math.ceil(a["seq_len"] / a["BLOCK_N"])
+    """``for start_n in range(0, whole, BLOCK_N)`` over the whole key blocks in every program;
+    the peeled, masked last block is straight code (counted once per program, even where
+    seq_len is a multiple of BLOCK_N and it is skipped)."""
+    return math.prod(grid) * (a["seq_len"] // a["BLOCK_N"])
 
 
 def _query_loop_iters(a: dict, grid: tuple) -> int:

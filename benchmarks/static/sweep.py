@@ -113,7 +113,7 @@ def run_job(job: Job, tools: dict, largest_only: bool = False) -> list[dict]:
     rows = []
     for launch in _LAUNCHES[key]:
         km = model.KERNELS.get(launch.name)
-        kept = aot.configs(launch)
+        kept = aot.configs(launch, aot.TARGETS[job.target])
         for config in largest(kept) if largest_only else kept:
             row = dict(triton=triton.__version__, shape=job.shape, kernel=launch.name,
                        op=km.op if km else "", config=config_label(config), target=job.target, dtype=job.dtype,

@@ -29,8 +29,15 @@ import triton.language as tl
 
 from ..backends import interpreting
 from ..layout import Groups, stats_dtype
+from . import target
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+# The backward's per-query statistics (delta, log2-domain lse) of one (batch, group, head):
+# the cls query at STATS_LEAD - 1, patch query i at STATS_LEAD + i, zeros up to the row's end
+# (a multiple of the largest query tile), so dK/dV loads whole 16-byte-aligned blocks of them
+# without a mask.
+STATS_LEAD: tl.constexpr = tl.constexpr(16)
+_STATS_TILE = 128  # a multiple of every dK/dV BLOCK_M: whole query blocks stay in the row
 # float32 inputs: three tf32 tensor-core products are about as exact as float32 FMA, which
 # spills heavily on Hopper. fp16/bf16 ignore it.
 DOT_PRECISION: tl.constexpr = tl.constexpr("tf32x3")
@@ -39,9 +46,10 @@ WIDE_HEAD_DIM = 128  # head dims above it (BLOCK_D = 256) take the wide configs
 _TUNE_KEY = ["seq_len", "HEAD_DIM", "HAS_CLS_KEY", "HAS_CLS_QUERY"]  # Triton adds the dtypes
 
 
-def _tuned(narrow, wide):
+def _tuned(narrow, wide, hopper_only=()):
     """Autotune over configs (BLOCK_M, BLOCK_N, num_warps, num_stages): ``narrow`` for
-    BLOCK_D <= WIDE_HEAD_DIM, ``wide`` for head dims up to 256. The interpreter gets one
+    BLOCK_D <= WIDE_HEAD_DIM, ``wide`` for head dims up to 256, less ``hopper_only`` (configs
+    that spill on the A100) before sm_90 (``target.py``). The interpreter gets one
     small config instead, because it autotunes by running every config and 16-row tiles
     already exercise the multi-tile paths at small N."""
     if interpreting():
@@ -49,7 +57,11 @@ def _tuned(narrow, wide):
                                key=_TUNE_KEY)
 
     def prune(configs, nargs, **kwargs):
-        return configs[len(narrow):] if kwargs["BLOCK_D"] > WIDE_HEAD_DIM else configs[:len(narrow)]
+        pool = configs[len(narrow):] if kwargs["BLOCK_D"] > WIDE_HEAD_DIM else configs[:len(narrow)]
+        if target.capability_major() >= target.HOPPER:
+            return pool
+        return [c for c in pool
+                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) not in hopper_only]
 
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                for m, n, w, s in narrow + wide]
@@ -72,6 +84,10 @@ _BWD_DKDV_CONFIGS = [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (32, 128
 _WIDE_FWD_CONFIGS = [(64, 32, 8, 2), (64, 32, 8, 3), (32, 32, 4, 2)]
 _WIDE_DQ_CONFIGS = [(64, 32, 8, 2), (32, 32, 4, 2)]
 _WIDE_DKDV_CONFIGS = [(32, 64, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)]
+# Hopper-only (pruned before sm_90): these spill on sm_80 (ptxas, bf16 Dh 64, Triton 3.6 /
+# 3.8: dQ 72 / 80 B and 48 / 40 B; dK/dV 8-24 B on 3.6).
+_SM90_DQ_CONFIGS = {(128, 128, 8, 2), (64, 128, 4, 2)}
+_SM90_DKDV_CONFIGS = {(64, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3)}
 
 
 @triton.jit
@@ -87,9 +103,54 @@ def _group_rows(idx, g_row, pos_stride, base, HAS_CLS: tl.constexpr):
 
 @triton.jit
 def _load_rows(ptr, rows, stride_row, col, offs_d, row_ok, HEAD_DIM: tl.constexpr):
-    """(len(rows), BLOCK_D) tile of channels col .. col + HEAD_DIM, zero where masked."""
-    return tl.load(ptr + rows[:, None] * stride_row + (col + offs_d)[None, :],
-                   mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    """(len(rows), BLOCK_D) tile of channels col .. col + HEAD_DIM, zero where masked;
+    row_ok None: every row is in range."""
+    if row_ok is None:
+        mask = (offs_d < HEAD_DIM)[None, :]
+    else:
+        mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    return tl.load(ptr + rows[:, None] * stride_row + (col + offs_d)[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _fwd_step(q, m_i, l_i, acc, qkv_b, start_n, seq_len, g_row, pos_stride, base, stride_qkv_l, k_col, v_col,
+              offs_d, qk_scale, HEAD_DIM: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASKED: tl.constexpr):
+    """One key block of the online softmax: the new (m_i, l_i, acc). Only the last, partial
+    block is MASKED: the loop over the whole blocks before it carries no masks."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    kv_rows = _group_rows(offs_n, g_row, pos_stride, base, False)
+    k_ok = offs_n < seq_len if MASKED else None
+    k = _load_rows(qkv_b, kv_rows, stride_qkv_l, k_col, offs_d, k_ok, HEAD_DIM)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(ACC) * qk_scale
+    if MASKED:
+        s = tl.where(k_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = _load_rows(qkv_b, kv_rows, stride_qkv_l, v_col, offs_d, k_ok, HEAD_DIM)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(ACC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse2, row_delta, qkv_b, start_n, seq_len, g_row, pos_stride, base, stride_qkv_l, k_col,
+             v_col, offs_d, qk_scale, HEAD_DIM: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+             MASKED: tl.constexpr):
+    """One key block of dQ: dq + dS·K (MASKED as in _fwd_step)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    kv_rows = _group_rows(offs_n, g_row, pos_stride, base, False)
+    k_ok = offs_n < seq_len if MASKED else None
+    k = _load_rows(qkv_b, kv_rows, stride_qkv_l, k_col, offs_d, k_ok, HEAD_DIM)
+    v = _load_rows(qkv_b, kv_rows, stride_qkv_l, v_col, offs_d, k_ok, HEAD_DIM)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(ACC) * qk_scale
+    p = tl.exp2(s - lse2[:, None])
+    if MASKED:  # padded keys load as zeros, so their score is 0, not -inf: mask p itself
+        p = tl.where(k_ok[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION).to(ACC)
+    ds = p * (dp - row_delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION).to(ACC)
 
 
 @triton.jit
@@ -146,20 +207,15 @@ def _spatial_fwd_kernel(
         l_i = tl.zeros([BLOCK_M], ACC)
         acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
 
-    for start_n in range(0, seq_len, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ok = offs_n < seq_len
-        kv_rows = _group_rows(offs_n, g_row, pos_stride, base, False)
-        k = _load_rows(qkv_b, kv_rows, stride_qkv_l, hd + h * HEAD_DIM, offs_d, k_ok, HEAD_DIM)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(ACC) * qk_scale
-        s = tl.where(k_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _load_rows(qkv_b, kv_rows, stride_qkv_l, 2 * hd + h * HEAD_DIM, offs_d, k_ok, HEAD_DIM)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(ACC)
-        m_i = m_new
+    whole = seq_len - seq_len % BLOCK_N
+    for start_n in range(0, whole, BLOCK_N):
+        m_i, l_i, acc = _fwd_step(q, m_i, l_i, acc, qkv_b, start_n, seq_len, g_row, pos_stride, base, stride_qkv_l,
+                                  hd + h * HEAD_DIM, 2 * hd + h * HEAD_DIM, offs_d, qk_scale, HEAD_DIM, ACC, BLOCK_N,
+                                  False)
+    if whole < seq_len:
+        m_i, l_i, acc = _fwd_step(q, m_i, l_i, acc, qkv_b, whole, seq_len, g_row, pos_stride, base, stride_qkv_l,
+                                  hd + h * HEAD_DIM, 2 * hd + h * HEAD_DIM, offs_d, qk_scale, HEAD_DIM, ACC, BLOCK_N,
+                                  True)
 
     acc = acc / l_i[:, None]
     row_lse = (m_i + tl.log2(l_i)) / log2e  # natural log, as the contract says
@@ -179,17 +235,18 @@ def _spatial_fwd_kernel(
             tl.store(cls_lse + bg.to(tl.int64) * num_heads + h, tl.sum(tl.where(is_cls, row_lse, 0.0), axis=0))
 
 
-@_tuned(_BWD_DQ_CONFIGS, _WIDE_DQ_CONFIGS)
+@_tuned(_BWD_DQ_CONFIGS, _WIDE_DQ_CONFIGS, _SM90_DQ_CONFIGS)
 @triton.jit
 def _spatial_bwd_dq_kernel(
-    qkv, out, dout, lse, cls_out, dcls_out, cls_lse, dqkv, cls_grad, delta,
+    qkv, out, dout, lse, cls_out, dcls_out, cls_lse, dqkv, cls_grad, delta, lse2_rows,
     stride_qkv_b, stride_qkv_l, stride_do_b, stride_do_l, stride_dcls_b, stride_dcls_g,
-    num_heads, num_groups, seq_len, group_stride, pos_stride, base, scale,
+    num_heads, num_groups, seq_len, group_stride, pos_stride, base, scale, stats_stride,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_CLS_KEY: tl.constexpr,
     HAS_CLS_QUERY: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dQ of one BLOCK_M tile of queries; also saves delta = rowsum(dO·O) for the dK/dV
-    kernel, which runs after it (saves a preprocess launch and a second read of dO)."""
+    """dQ of one BLOCK_M tile of queries; also saves delta = rowsum(dO·O) and lse·log2(e)
+    for the dK/dV kernel, which runs after it (saves a preprocess launch and a second read
+    of dO), in the STATS_LEAD layout."""
     num_q = seq_len + HAS_CLS_QUERY
     pid_m, bgh, bg, b, g, h = _program_ids(tl.program_id(0), tl.cdiv(num_q, BLOCK_M), num_heads, num_groups)
     hd = num_heads * HEAD_DIM
@@ -218,9 +275,11 @@ def _spatial_bwd_dq_kernel(
         o = tl.where(is_cls[:, None], o_cls[None, :], o)
         row_lse = tl.where(is_cls, tl.load(cls_lse + bg.to(tl.int64) * num_heads + h), row_lse)
     row_delta = tl.sum(do.to(ACC) * o, axis=1)
-    tl.store(delta + bgh.to(tl.int64) * num_q + offs_m, row_delta, mask=q_ok)
     sm_scale, qk_scale, log2e = _scales(scale, ACC)
     lse2 = row_lse * log2e
+    stats = bgh.to(tl.int64) * stats_stride + STATS_LEAD - HAS_CLS_QUERY + offs_m
+    tl.store(delta + stats, row_delta, mask=q_ok)
+    tl.store(lse2_rows + stats, lse2, mask=q_ok)
 
     if HAS_CLS_KEY:
         k_cls = tl.load(qkv_b + hd + h * HEAD_DIM + offs_d, mask=d_ok, other=0.0).to(ACC)
@@ -231,18 +290,13 @@ def _spatial_bwd_dq_kernel(
     else:
         dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
 
-    for start_n in range(0, seq_len, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ok = offs_n < seq_len
-        kv_rows = _group_rows(offs_n, g_row, pos_stride, base, False)
-        k = _load_rows(qkv_b, kv_rows, stride_qkv_l, hd + h * HEAD_DIM, offs_d, k_ok, HEAD_DIM)
-        v = _load_rows(qkv_b, kv_rows, stride_qkv_l, 2 * hd + h * HEAD_DIM, offs_d, k_ok, HEAD_DIM)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(ACC) * qk_scale
-        # Padded keys load as zeros, so their score is 0, not -inf: mask p itself.
-        p = tl.where(k_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION).to(ACC)
-        ds = p * (dp - row_delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION).to(ACC)
+    whole = seq_len - seq_len % BLOCK_N
+    for start_n in range(0, whole, BLOCK_N):
+        dq = _dq_step(dq, q, do, lse2, row_delta, qkv_b, start_n, seq_len, g_row, pos_stride, base, stride_qkv_l,
+                      hd + h * HEAD_DIM, 2 * hd + h * HEAD_DIM, offs_d, qk_scale, HEAD_DIM, ACC, BLOCK_N, False)
+    if whole < seq_len:
+        dq = _dq_step(dq, q, do, lse2, row_delta, qkv_b, whole, seq_len, g_row, pos_stride, base, stride_qkv_l,
+                      hd + h * HEAD_DIM, 2 * hd + h * HEAD_DIM, offs_d, qk_scale, HEAD_DIM, ACC, BLOCK_N, True)
 
     dq = dq * sm_scale
     dqkv_b = dqkv + b.to(tl.int64) * (num_patches + base) * 3 * hd
@@ -254,12 +308,12 @@ def _spatial_bwd_dq_kernel(
             tl.store(cls_grad + bg.to(tl.int64) * 3 * hd + h * HEAD_DIM + offs_d, dq_cls, mask=d_ok)
 
 
-@_tuned(_BWD_DKDV_CONFIGS, _WIDE_DKDV_CONFIGS)
+@_tuned(_BWD_DKDV_CONFIGS, _WIDE_DKDV_CONFIGS, _SM90_DKDV_CONFIGS)
 @triton.jit
 def _spatial_bwd_dkdv_kernel(
-    qkv, dout, lse, dcls_out, cls_lse, dqkv, cls_grad, delta,
+    qkv, dout, dcls_out, dqkv, cls_grad, delta, lse2_rows,
     stride_qkv_b, stride_qkv_l, stride_do_b, stride_do_l, stride_dcls_b, stride_dcls_g,
-    num_heads, num_groups, seq_len, group_stride, pos_stride, base, scale,
+    num_heads, num_groups, seq_len, group_stride, pos_stride, base, scale, stats_stride,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_CLS_KEY: tl.constexpr,
     HAS_CLS_QUERY: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -267,7 +321,6 @@ def _spatial_bwd_dkdv_kernel(
     Works on transposed scores (keys x queries) so both products accumulate without
     transposing the probabilities."""
     num_k = seq_len + HAS_CLS_KEY
-    num_q = seq_len + HAS_CLS_QUERY
     pid_n, bgh, bg, b, g, h = _program_ids(tl.program_id(0), tl.cdiv(num_k, BLOCK_N), num_heads, num_groups)
     hd = num_heads * HEAD_DIM
     qkv_b = qkv + b.to(tl.int64) * stride_qkv_b
@@ -280,16 +333,17 @@ def _spatial_bwd_dkdv_kernel(
     k = _load_rows(qkv_b, kv_rows, stride_qkv_l, hd + h * HEAD_DIM, offs_d, k_ok, HEAD_DIM)
     v = _load_rows(qkv_b, kv_rows, stride_qkv_l, 2 * hd + h * HEAD_DIM, offs_d, k_ok, HEAD_DIM)
     num_patches = num_groups * seq_len
-    delta_g = delta + bgh.to(tl.int64) * num_q
-    sm_scale, qk_scale, log2e = _scales(scale, ACC)
+    stats = bgh.to(tl.int64) * stats_stride + STATS_LEAD  # patch query 0
+    delta_g = delta + stats
+    lse2_g = lse2_rows + stats
+    sm_scale, qk_scale, _ = _scales(scale, ACC)
 
     if HAS_CLS_QUERY:
         q_cls = tl.load(qkv_b + h * HEAD_DIM + offs_d, mask=d_ok, other=0.0).to(ACC)
         do_cls = tl.load(dcls_out + b.to(tl.int64) * stride_dcls_b + g * stride_dcls_g + h * HEAD_DIM + offs_d,
                          mask=d_ok, other=0.0).to(ACC)
-        lse2_cls = tl.load(cls_lse + bg.to(tl.int64) * num_heads + h) * log2e
-        p_cls = tl.exp2(tl.sum(k.to(ACC) * q_cls[None, :], axis=1) * qk_scale - lse2_cls)
-        ds_cls = p_cls * (tl.sum(v.to(ACC) * do_cls[None, :], axis=1) - tl.load(delta_g))
+        p_cls = tl.exp2(tl.sum(k.to(ACC) * q_cls[None, :], axis=1) * qk_scale - tl.load(lse2_g - 1))
+        ds_cls = p_cls * (tl.sum(v.to(ACC) * do_cls[None, :], axis=1) - tl.load(delta_g - 1))
         dv = p_cls[:, None] * do_cls[None, :]
         dk = ds_cls[:, None] * q_cls[None, :]
     else:
@@ -297,16 +351,15 @@ def _spatial_bwd_dkdv_kernel(
         dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
 
     do_b = dout + b.to(tl.int64) * stride_do_b
-    lse_b = lse + b.to(tl.int64) * num_patches * num_heads + h
     for start_m in range(0, seq_len, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q_ok = offs_m < seq_len
         q_rows = _group_rows(offs_m, g_row, pos_stride, base, False)
         q = _load_rows(qkv_b, q_rows, stride_qkv_l, h * HEAD_DIM, offs_d, q_ok, HEAD_DIM)
         do = _load_rows(do_b, q_rows - base, stride_do_l, h * HEAD_DIM, offs_d, q_ok, HEAD_DIM).to(q.dtype)
-        # lse = +inf on padded queries zeroes their probabilities without a mask on p.
-        lse2 = tl.load(lse_b + (q_rows - base) * num_heads, mask=q_ok, other=float("inf")) * log2e
-        row_delta = tl.load(delta_g + HAS_CLS_QUERY + offs_m, mask=q_ok, other=0.0)
+        # Padded queries read delta = lse = 0 (p = 1) but have q = dO = 0: they add nothing.
+        lse2 = tl.load(lse2_g + offs_m)
+        row_delta = tl.load(delta_g + offs_m)
         p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION).to(ACC) * qk_scale - lse2[None, :])
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION).to(ACC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION).to(ACC)
@@ -386,7 +439,8 @@ def spatial_bwd(dout, dcls_out, qkv, out, cls_out, lse, cls_lse, groups: Groups,
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     num_q = groups.seq_len + int(groups.cls_query)
     num_k = groups.seq_len + int(groups.cls_key)
-    delta = torch.empty(b * g * h, num_q, dtype=stat_dtype, device=qkv.device)
+    stats_stride = STATS_LEAD.value + triton.cdiv(groups.seq_len, _STATS_TILE) * _STATS_TILE
+    delta, lse2 = torch.zeros(2, b * g * h, stats_stride, dtype=stat_dtype, device=qkv.device)
     # Per-group shares of the cls token's gradient, laid out like a qkv row; the parts no
     # kernel writes (no cls key, or no cls query) stay zero.
     cls_grad = torch.zeros(b, g, 3 * hd, dtype=stat_dtype, device=qkv.device) if groups.base else delta
@@ -395,12 +449,12 @@ def spatial_bwd(dout, dcls_out, qkv, out, cls_out, lse, cls_lse, groups: Groups,
     else:  # placeholders the kernels never touch
         dcls_out, cls_out, cls_lse = dout, out, lse
     strides = (qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), dcls_out.stride(0), dcls_out.stride(1))
-    args = _group_args(groups, scale)
+    args = (*_group_args(groups, scale), stats_stride)
 
     _spatial_bwd_dq_kernel[lambda m: (triton.cdiv(num_q, m["BLOCK_M"]) * b * g * h,)](
-        qkv, out, dout, lse, cls_out, dcls_out, cls_lse, dqkv, cls_grad, delta, *strides, *args, **meta)
+        qkv, out, dout, lse, cls_out, dcls_out, cls_lse, dqkv, cls_grad, delta, lse2, *strides, *args, **meta)
     _spatial_bwd_dkdv_kernel[lambda m: (triton.cdiv(num_k, m["BLOCK_N"]) * b * g * h,)](
-        qkv, dout, lse, dcls_out, cls_lse, dqkv, cls_grad, delta, *strides, *args, **meta)
+        qkv, dout, dcls_out, dqkv, cls_grad, delta, lse2, *strides, *args, **meta)
     if groups.base:
         dqkv[:, 0] = cls_grad.sum(1).to(qkv.dtype)
     return dqkv

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ..backends import interpreting
 from ..layout import Groups, stats_dtype
+from . import target
 
 MAX_SEQ = 128  # groups with seq_len <= max_seq(head_dim) and no cls query come to this module
 
@@ -61,12 +62,12 @@ def max_seq(head_dim: int) -> int:
     return MAX_SEQ if head_dim <= WIDE_HEAD_DIM else WIDE_MAX_SEQ
 
 
-def _tuned(wide_configs):
+def _tuned(wide_configs, dropped=lambda config, named: False):
     """Autotunes over _CONFIGS, or over wide_configs when BLOCK_D > WIDE_HEAD_DIM, keeping
-    the tiles that hold at least one whole group, 128 rows only where nothing smaller does.
-    Keyed on the group length, head count and
-    head_dim (the autotuner adds the tensor dtypes), never on batch or group count: no
-    re-tuning per batch size."""
+    the tiles that hold at least one whole group, 128 rows only where nothing smaller does,
+    less those ``dropped(config, launch arguments)`` says spill. Keyed on the group length,
+    head count, head_dim and cls key (which ``dropped`` reads; the autotuner adds the tensor
+    dtypes), never on batch or group count: no re-tuning per batch size."""
     if _INTERPRET:
         return lambda fn: fn
 
@@ -75,9 +76,11 @@ def _tuned(wide_configs):
         wide = named["BLOCK_D"] > WIDE_HEAD_DIM
         pool = configs[len(_CONFIGS):] if wide else configs[:len(_CONFIGS)]
         t_pad = named["T_PAD"]
-        return [c for c in pool if t_pad <= c.kwargs["BLOCK_M"] <= max(64, t_pad)]
+        fits = [c for c in pool if c.kwargs["BLOCK_M"] >= t_pad and not dropped(c, named)]
+        rows = max(64, t_pad, min(c.kwargs["BLOCK_M"] for c in fits))
+        return [c for c in fits if c.kwargs["BLOCK_M"] <= rows]
 
-    return triton.autotune(_CONFIGS + wide_configs, key=["S", "H", "HEAD_DIM"],
+    return triton.autotune(_CONFIGS + wide_configs, key=["S", "H", "HEAD_DIM", "CLS_KEY"],
                            prune_configs_by={"early_config_prune": prune})
 
 
@@ -151,7 +154,17 @@ def _temporal_fwd_kernel(
         tl.store(lse_rows + h, m + tl.log(l), mask=valid)
 
 
-@_tuned(_WIDE_BWD_CONFIGS)
+def _bwd_spills(config, named) -> bool:
+    """Backward configs that spill (ptxas): 64 rows on 4 warps with more than one head in
+    flight on sm_80 (bf16 Dh 64: 32 B); 64 rows on 4 warps at BLOCK_D 128 with the cls key,
+    on sm_90 too (168-194 spill instructions)."""
+    m64w4 = config.kwargs["BLOCK_M"] == 64 and config.num_warps == 4
+    if m64w4 and named["BLOCK_D"] == 128 and named["CLS_KEY"]:
+        return True
+    return m64w4 and config.kwargs["HEADS"] > 1 and target.capability_major() < target.HOPPER
+
+
+@_tuned(_WIDE_BWD_CONFIGS, _bwd_spills)
 @triton.jit
 def _temporal_bwd_kernel(
     qkv_ptr, dout_ptr, lse_ptr, dqkv_ptr, dcls_ptr,
