@@ -17,6 +17,7 @@ import dataclasses
 import math
 
 from benchmarks import config as work
+from timesformer_kernels.triton.spatial import WIDE_HEAD_DIM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +77,10 @@ def _temporal_iters(a: dict, grid: tuple) -> int:
 def _key_loop_iters(a: dict, grid: tuple) -> int:
     """``for start_n in range(0, whole, BLOCK_N)`` over the whole key blocks in every program;
     the peeled, masked last block is straight code (counted once per program, even where
-    seq_len is a multiple of BLOCK_N and it is skipped)."""
+    seq_len is a multiple of BLOCK_N and it is skipped). BLOCK_D = 256 does not peel: every
+    block is a loop iteration."""
+    if a["BLOCK_D"] > WIDE_HEAD_DIM:
+        return math.prod(grid) * math.ceil(a["seq_len"] / a["BLOCK_N"])
     return math.prod(grid) * (a["seq_len"] // a["BLOCK_N"])
 
 

@@ -41,30 +41,36 @@ _STATS_TILE = 128  # a multiple of every dK/dV BLOCK_M: whole query blocks stay 
 # float32 inputs: three tf32 tensor-core products are about as exact as float32 FMA, which
 # spills heavily on Hopper. fp16/bf16 ignore it.
 DOT_PRECISION: tl.constexpr = tl.constexpr("tf32x3")
-WIDE_HEAD_DIM = 128  # head dims above it (BLOCK_D = 256) take the wide configs
+WIDE_HEAD_DIM = 128  # head dims above it (BLOCK_D = 256) take the wide configs and no peeled key tail
+_PEEL_MAX_D: tl.constexpr = tl.constexpr(WIDE_HEAD_DIM)  # the same bound, as kernels see it
+SHORT_HEAD_DIM = 64  # head dims up to it can also hold a whole 197-row group in one tile
 # Never the batch size: a new batch must not re-tune or recompile.
 _TUNE_KEY = ["seq_len", "HEAD_DIM", "HAS_CLS_KEY", "HAS_CLS_QUERY"]  # Triton adds the dtypes
 
 
-def _tuned(narrow, wide, hopper_only=()):
+def _tuned(narrow, wide, hopper_only=(), short=()):
     """Autotune over configs (BLOCK_M, BLOCK_N, num_warps, num_stages): ``narrow`` for
-    BLOCK_D <= WIDE_HEAD_DIM, ``wide`` for head dims up to 256, less ``hopper_only`` (configs
-    that spill on the A100) before sm_90 (``target.py``). The interpreter gets one
-    small config instead, because it autotunes by running every config and 16-row tiles
-    already exercise the multi-tile paths at small N."""
+    BLOCK_D <= WIDE_HEAD_DIM, ``wide`` for head dims up to 256, ``short`` first for BLOCK_D <=
+    SHORT_HEAD_DIM, less ``hopper_only`` (configs that spill on the A100) before sm_90
+    (``target.py``). The interpreter gets one small config instead, because it autotunes by
+    running every config and 16-row tiles already exercise the multi-tile paths at small N."""
     if interpreting():
         return triton.autotune([triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)],
                                key=_TUNE_KEY)
 
     def prune(configs, nargs, **kwargs):
-        pool = configs[len(narrow):] if kwargs["BLOCK_D"] > WIDE_HEAD_DIM else configs[:len(narrow)]
+        block_d, first = kwargs["BLOCK_D"], len(short) + len(narrow)
+        if block_d > WIDE_HEAD_DIM:
+            pool = configs[first:]
+        else:
+            pool = configs[:first] if block_d <= SHORT_HEAD_DIM else configs[len(short):first]
         if target.capability_major() >= target.HOPPER:
             return pool
         return [c for c in pool
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) not in hopper_only]
 
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-               for m, n, w, s in narrow + wide]
+               for m, n, w, s in [*short, *narrow, *wide]]
     return triton.autotune(configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})
 
 
@@ -84,6 +90,11 @@ _BWD_DKDV_CONFIGS = [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (32, 128
 _WIDE_FWD_CONFIGS = [(64, 32, 8, 2), (64, 32, 8, 3), (32, 32, 4, 2)]
 _WIDE_DQ_CONFIGS = [(64, 32, 8, 2), (32, 32, 4, 2)]
 _WIDE_DKDV_CONFIGS = [(32, 64, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)]
+# BLOCK_D <= 64: 256 query rows hold a whole TimeSformer-base frame group (1 + 196), so K and V
+# are read once instead of once per 128-row tile (counted bytes 1.50x -> 1.00x of the minimum;
+# sm_90 bf16: 231 registers, no spill, issue bound 27.0 us vs 27.8 for 128 rows). Spills on sm_80.
+_SHORT_FWD_CONFIGS = [(256, 64, 8, 2)]
+_SM90_FWD_CONFIGS = {(256, 64, 8, 2), (128, 64, 4, 3)}  # the latter: 8 B on sm_80 (3.8)
 # Hopper-only (pruned before sm_90): these spill on sm_80 (ptxas, bf16 Dh 64, Triton 3.6 /
 # 3.8: dQ 72 / 80 B and 48 / 40 B; dK/dV 8-24 B on 3.6).
 _SM90_DQ_CONFIGS = {(128, 128, 8, 2), (64, 128, 4, 2)}
@@ -174,7 +185,7 @@ def _program_ids(pid, num_tiles, num_heads, num_groups):
     return tile, bgh, bg, bg // num_groups, bg % num_groups, h
 
 
-@_tuned(_FWD_CONFIGS, _WIDE_FWD_CONFIGS)
+@_tuned(_FWD_CONFIGS, _WIDE_FWD_CONFIGS, _SM90_FWD_CONFIGS, _SHORT_FWD_CONFIGS)
 @triton.jit
 def _spatial_fwd_kernel(
     qkv, out, lse, cls_out, cls_lse,
@@ -207,15 +218,21 @@ def _spatial_fwd_kernel(
         l_i = tl.zeros([BLOCK_M], ACC)
         acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
 
-    whole = seq_len - seq_len % BLOCK_N
-    for start_n in range(0, whole, BLOCK_N):
-        m_i, l_i, acc = _fwd_step(q, m_i, l_i, acc, qkv_b, start_n, seq_len, g_row, pos_stride, base, stride_qkv_l,
-                                  hd + h * HEAD_DIM, 2 * hd + h * HEAD_DIM, offs_d, qk_scale, HEAD_DIM, ACC, BLOCK_N,
-                                  False)
-    if whole < seq_len:
-        m_i, l_i, acc = _fwd_step(q, m_i, l_i, acc, qkv_b, whole, seq_len, g_row, pos_stride, base, stride_qkv_l,
-                                  hd + h * HEAD_DIM, 2 * hd + h * HEAD_DIM, offs_d, qk_scale, HEAD_DIM, ACC, BLOCK_N,
-                                  True)
+    if BLOCK_D <= _PEEL_MAX_D:  # whole key blocks unmasked, the tail peeled
+        whole = seq_len - seq_len % BLOCK_N
+        for start_n in range(0, whole, BLOCK_N):
+            m_i, l_i, acc = _fwd_step(q, m_i, l_i, acc, qkv_b, start_n, seq_len, g_row, pos_stride, base,
+                                      stride_qkv_l, hd + h * HEAD_DIM, 2 * hd + h * HEAD_DIM, offs_d, qk_scale,
+                                      HEAD_DIM, ACC, BLOCK_N, False)
+        if whole < seq_len:
+            m_i, l_i, acc = _fwd_step(q, m_i, l_i, acc, qkv_b, whole, seq_len, g_row, pos_stride, base,
+                                      stride_qkv_l, hd + h * HEAD_DIM, 2 * hd + h * HEAD_DIM, offs_d, qk_scale,
+                                      HEAD_DIM, ACC, BLOCK_N, True)
+    else:  # BLOCK_D = 256: a second copy of the loop body spills, so every block is masked
+        for start_n in range(0, seq_len, BLOCK_N):
+            m_i, l_i, acc = _fwd_step(q, m_i, l_i, acc, qkv_b, start_n, seq_len, g_row, pos_stride, base,
+                                      stride_qkv_l, hd + h * HEAD_DIM, 2 * hd + h * HEAD_DIM, offs_d, qk_scale,
+                                      HEAD_DIM, ACC, BLOCK_N, True)
 
     acc = acc / l_i[:, None]
     row_lse = (m_i + tl.log2(l_i)) / log2e  # natural log, as the contract says
@@ -290,13 +307,18 @@ def _spatial_bwd_dq_kernel(
     else:
         dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
 
-    whole = seq_len - seq_len % BLOCK_N
-    for start_n in range(0, whole, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse2, row_delta, qkv_b, start_n, seq_len, g_row, pos_stride, base, stride_qkv_l,
-                      hd + h * HEAD_DIM, 2 * hd + h * HEAD_DIM, offs_d, qk_scale, HEAD_DIM, ACC, BLOCK_N, False)
-    if whole < seq_len:
-        dq = _dq_step(dq, q, do, lse2, row_delta, qkv_b, whole, seq_len, g_row, pos_stride, base, stride_qkv_l,
-                      hd + h * HEAD_DIM, 2 * hd + h * HEAD_DIM, offs_d, qk_scale, HEAD_DIM, ACC, BLOCK_N, True)
+    if BLOCK_D <= _PEEL_MAX_D:  # whole key blocks unmasked, the tail peeled (as in the forward)
+        whole = seq_len - seq_len % BLOCK_N
+        for start_n in range(0, whole, BLOCK_N):
+            dq = _dq_step(dq, q, do, lse2, row_delta, qkv_b, start_n, seq_len, g_row, pos_stride, base, stride_qkv_l,
+                          hd + h * HEAD_DIM, 2 * hd + h * HEAD_DIM, offs_d, qk_scale, HEAD_DIM, ACC, BLOCK_N, False)
+        if whole < seq_len:
+            dq = _dq_step(dq, q, do, lse2, row_delta, qkv_b, whole, seq_len, g_row, pos_stride, base, stride_qkv_l,
+                          hd + h * HEAD_DIM, 2 * hd + h * HEAD_DIM, offs_d, qk_scale, HEAD_DIM, ACC, BLOCK_N, True)
+    else:
+        for start_n in range(0, seq_len, BLOCK_N):
+            dq = _dq_step(dq, q, do, lse2, row_delta, qkv_b, start_n, seq_len, g_row, pos_stride, base, stride_qkv_l,
+                          hd + h * HEAD_DIM, 2 * hd + h * HEAD_DIM, offs_d, qk_scale, HEAD_DIM, ACC, BLOCK_N, True)
 
     dq = dq * sm_scale
     dqkv_b = dqkv + b.to(tl.int64) * (num_patches + base) * 3 * hd
