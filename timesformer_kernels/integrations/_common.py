@@ -31,6 +31,17 @@ def run_original(module: nn.Module, key: Optional[str], message: str, args: tupl
     return original_forward(module)(*args, **kwargs)
 
 
+def bind_arguments(signature, module: nn.Module, args: tuple, kwargs: dict):
+    """The call's arguments bound to the replaced forward's ``signature``, defaults applied, or
+    None when they do not bind (the caller runs the original forward, which raises its own error)."""
+    try:
+        bound = signature.bind(module, *args, **kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    return bound.arguments
+
+
 def original_forward(module: nn.Module):
     """The forward that ``patch`` replaced (bound), for fallbacks of calls the fused path can't do."""
     saved = module.__dict__[ORIGINAL_ATTR]

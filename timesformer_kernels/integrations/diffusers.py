@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._common import active_dropout, original_forward, run_original
+from ._common import active_dropout, bind_arguments, original_forward, run_original
 from .diffusers_ops import (DEFAULT_PROCESSORS, basic_block, group_norm_clips, linear_from_channels,
                             linear_to_channels, svd_block)
 
@@ -308,12 +308,9 @@ def fused_forward(module, backend: str):
         reason, run = _latte_reason, _latte
 
     def forward(self, *args, **kwargs):
-        try:
-            bound = signature.bind(self, *args, **kwargs)
-        except TypeError:
+        arguments = bind_arguments(signature, self, args, kwargs)
+        if arguments is None:
             return original_forward(self)(*args, **kwargs)  # raises the original's own error
-        bound.apply_defaults()
-        arguments = bound.arguments
         fallback = reason(self, arguments)
         if fallback is not None:
             return run_original(self, *fallback, args, kwargs)

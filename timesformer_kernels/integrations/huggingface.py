@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from ._common import active_dropout, divided_block, drop_path_prob, original_forward, run_original
+from ._common import active_dropout, bind_arguments, divided_block, drop_path_prob, original_forward, run_original
 
 KIND = "huggingface"
 _CLASS = "TimesformerLayer"
@@ -123,15 +123,13 @@ def fused_forward(module, backend: str):
     hidden_name = list(signature.parameters)[1]
 
     def forward(self, *args, **kwargs):
-        try:
-            bound = signature.bind(self, *args, **kwargs)
-        except TypeError:
+        arguments = bind_arguments(signature, self, args, kwargs)
+        if arguments is None:
             return original_forward(self)(*args, **kwargs)  # raises the original's own error
-        bound.apply_defaults()
-        key, message = _fallback_reason(self, bound.arguments, signature, hidden_name)
+        key, message = _fallback_reason(self, arguments, signature, hidden_name)
         if message is not None:
             return run_original(self, key, message, args, kwargs)
-        hidden = bound.arguments[hidden_name]
+        hidden = arguments[hidden_name]
         # Mirror GradientCheckpointingLayer: the class forward it wraps is bypassed by patching.
         if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
             return self._gradient_checkpointing_func(functools.partial(_fused_layer, self, backend=backend), hidden)

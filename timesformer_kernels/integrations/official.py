@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._common import active_dropout, divided_block, drop_path_prob, original_forward, run_original
+from ._common import active_dropout, bind_arguments, divided_block, drop_path_prob, original_forward, run_original
 
 KIND = "official"
 
@@ -106,12 +106,10 @@ def fused_forward(module, backend: str):
     signature = _signature(module)
 
     def forward(self, *args, **kwargs):
-        try:
-            bound = signature.bind(self, *args, **kwargs)
-        except TypeError:
+        arguments = bind_arguments(signature, self, args, kwargs)
+        if arguments is None:
             return original_forward(self)(*args, **kwargs)  # raises the original's own error
-        bound.apply_defaults()
-        _, x, batch, frames, width = bound.arguments.values()
+        _, x, batch, frames, width = arguments.values()
         key, message = _fallback_reason(self, x, batch, frames, width)
         if message is not None:
             return run_original(self, key, message, args, kwargs)
