@@ -7,13 +7,14 @@ compute-sanitizer (a script, not a pytest file; needs a CUDA GPU)::
     compute-sanitizer --tool synccheck python tests/gpu_sanitize_triton.py
 
 Kernels: ``_temporal_fwd_kernel``, ``_temporal_bwd_kernel`` (triton/temporal.py) and
-``_spatial_fwd_kernel``, ``_spatial_bwd_dq_kernel``, ``_spatial_bwd_dkdv_kernel``
-(triton/spatial.py). Cases: both ops, both token orders, temporal with and without the cls
-key, temporal with T > 128 (the flash kernel with the cls key and no cls query, whose
-backward takes no dcls_out), fp16, bf16 and fp32, ragged tiles (T and N not powers of two,
-head_dim 24/40 masked to the next power of two, one-token groups), head_dim 128, qkv read in
-place through a strided slice with a storage offset and through a batch-inner layout, and
-upstream gradients that are random, broadcast (``out.sum()``), or only reach one output.
+``_spatial_fwd_kernel``, ``_spatial_bwd_dq_kernel``, ``_spatial_bwd_dkdv_kernel``,
+``_spatial_bwd_group_kernel`` (Hopper only; triton/spatial.py). Cases: both ops, both token
+orders, temporal with and without the cls key, temporal with T > 128 (the flash kernel with
+the cls key and no cls query, whose backward takes no dcls_out), fp16, bf16 and fp32, ragged
+tiles (T and N not powers of two, head_dim 24/40 masked to the next power of two, one-token
+groups), head_dim 128, qkv read in place through a strided slice with a storage offset and
+through a batch-inner layout, and upstream gradients that are random, broadcast
+(``out.sum()``), or only reach one output.
 
 Autotuning is replaced by a forced choice, so that every config of every kernel is compiled
 and sanitized (pass i launches config i of each kernel, cycling; the autotuner's own pruning
@@ -256,6 +257,8 @@ def main():
         print(f"  {name}: {_LAUNCHES[name]} launches, {len(_CONFIGS_SEEN[name])} distinct configs")
     expected = {"_temporal_fwd_kernel", "_temporal_bwd_kernel", "_spatial_fwd_kernel", "_spatial_bwd_dq_kernel",
                 "_spatial_bwd_dkdv_kernel"}
+    if DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9:  # see triton.spatial.whole_group
+        expected.add("_spatial_bwd_group_kernel")
     missing = expected - set(_LAUNCHES)
     if missing:
         FAILURES.append(f"kernels never launched: {sorted(missing)}")

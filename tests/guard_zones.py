@@ -205,6 +205,9 @@ def use_tiles(monkeypatch, case: Case):
     for kernel in (kernels.spatial._spatial_fwd_kernel, kernels.spatial._spatial_bwd_dq_kernel,
                    kernels.spatial._spatial_bwd_dkdv_kernel):
         monkeypatch.setattr(kernel, "configs", [config])
+    # the whole-group backward's query tile is the group's; only its key blocks are a choice
+    group = triton.Config({"BLOCK_N": case.tiles[1]}, num_warps=4, num_stages=1)
+    monkeypatch.setattr(kernels.spatial._spatial_bwd_group_kernel, "configs", [group])
 
 
 def skip_reason(case: Case) -> str | None:

@@ -1,7 +1,8 @@
 """The byte counters of ``benchmarks.bytes`` on tiny shapes: the Triton interpreter hook counts
 exactly the unmasked lanes (a hand-checkable kernel, and the temporal forward, which reads qkv
 and writes out and lse once each), the fused temporal forward stays within 5% of the work
-model's minimum, and the dispatch-mode counter sees a known copy and no bytes for a view."""
+model's minimum, the whole-group spatial backward's kernel at it, and the dispatch-mode
+counter sees a known copy and no bytes for a view."""
 import os
 import sys
 
@@ -77,6 +78,30 @@ def test_fused_temporal_forward_within_5_percent_of_minimum():
     kernel, torch_bytes, copies = bb._fused_total(records, launches)
     assert kernel + torch_bytes <= 1.05 * bb.minimum_bytes("temporal", shape, "fwd", 2)
     assert copies == 0
+
+
+@pytest.mark.parametrize("arch", [9, 8], ids=["whole-group", "dq-dkdv-pair"])
+def test_fused_spatial_backward_bytes(arch):
+    """The whole-group backward (Hopper) moves exactly the minimum in its kernel (qkv, dout and
+    out read once), and within 1.2x of it with the op's torch work (zero fills, the cls row's
+    sum: fixed costs, large at this tiny shape). The dQ + dK/dV pair (A100) reads them twice,
+    and more on a split group."""
+    from timesformer_kernels.triton import target
+
+    shape = Shape("small", 1, 2, 20, 64, 2)  # 21 queries a frame group: one 32-row tile, two 16-row ones
+    _, x = bb.op_input("spatial", shape, torch.float16)
+    with target.compiling_for(arch):
+        res = bb.run_op(peers.build("triton", "spatial", shape, torch.device("cpu")), x)
+    records, launches = res["bwd"]
+    kernel, torch_bytes, copies = bb._fused_total(records, launches)
+    minimum = bb.minimum_bytes("spatial", shape, "bwd", 2)
+    names = {la.kernel for la in launches}
+    if arch >= target.HOPPER:
+        assert names == {"_spatial_bwd_group_kernel"}, names
+        assert kernel == minimum and kernel + torch_bytes <= 1.2 * minimum, (kernel, torch_bytes, minimum)
+    else:
+        assert names == {"_spatial_bwd_dq_kernel", "_spatial_bwd_dkdv_kernel"}, names
+        assert kernel > 1.5 * minimum, (kernel, minimum)
 
 
 def test_aten_counter_counts_a_copy_and_no_view_bytes():

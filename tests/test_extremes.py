@@ -169,6 +169,18 @@ def test_scale_zero_is_uniform_attention(op, with_cls, backend):
     compare(op, with_cls, tokens(x, b, length, h, dh), t, h, backend, torch.float32, 1e-5, scale=0.0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op,with_cls", OPS, ids=OP_IDS)
+def test_negative_scale(op, with_cls, backend):
+    """A negative scale reverses the softmax's order (the largest logit is the most negative
+    q.k): a kernel that takes the running max of unscaled scores must not assume scale > 0."""
+    b, t, n, h, dh = _shape(op, backend)
+    length = int(with_cls) + n * t
+    x = torch.randn(b, length, 3, h, dh, generator=_gen(6), dtype=torch.float64)
+    x[:, :, :2] *= 10.0  # scaled logits spread over ~+-500 (log2): a max on the wrong side overflows
+    compare(op, with_cls, tokens(x, b, length, h, dh), t, h, backend, torch.float32, 1e-4, scale=-0.7)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_single_frame_temporal_is_identity(backend, dtype):

@@ -42,20 +42,27 @@ def _check(out, ref, dtype, what):
     torch.testing.assert_close(out.double(), ref.double(), atol=tol, rtol=tol, msg=lambda m: f"{what}: {m}")
 
 
-def _compare(fn, ref_fn, qkv, dtype):
-    """Forward outputs and d(qkv) of ``fn`` vs ``ref_fn`` (reference in fp64)."""
+def _compare(fn, ref_fn, qkv, dtype, cls_tol=None):
+    """Forward outputs and d(qkv) of ``fn`` vs ``ref_fn`` (reference in fp64). ``cls_tol``: the
+    tolerance of d(qkv)'s row 0 (the cls token, a sum over every group) where it differs."""
     outs = fn(qkv)
     outs = outs if isinstance(outs, tuple) else (outs,)
     ref_in = qkv.detach().double().requires_grad_(True)
     refs = ref_fn(ref_in)
     refs = refs if isinstance(refs, tuple) else (refs,)
-    grads = [torch.randn_like(r) for r in refs]
+    gen = torch.Generator(device=refs[0].device).manual_seed(1)
+    grads = [torch.randn(r.shape, generator=gen, dtype=r.dtype, device=r.device) for r in refs]
     for i, (o, r) in enumerate(zip(outs, refs)):
         assert o.shape == r.shape and o.dtype == qkv.dtype, (o.shape, r.shape, o.dtype)
         _check(o, r, dtype, f"output {i}")
     (dq,) = torch.autograd.grad(outs, qkv, [gr.to(o.dtype) for gr, o in zip(grads, outs)])
     (dref,) = torch.autograd.grad(refs, ref_in, grads)
-    _check(dq, dref, dtype, "dqkv")
+    if cls_tol is None:
+        _check(dq, dref, dtype, "dqkv")
+    else:
+        _check(dq[:, 1:], dref[:, 1:], dtype, "dqkv")
+        torch.testing.assert_close(dq[:, 0].double(), dref[:, 0], atol=cls_tol, rtol=cls_tol,
+                                   msg=lambda m: f"dqkv of the cls token: {m}")
 
 
 TEMPORAL_CASES = [  # (B, T, N, H, Dh)
@@ -115,13 +122,14 @@ def test_long_temporal_sequence(backend):
 
 
 def test_many_groups_torch_backend():
-    """B·N = 2^16 temporal groups and B·T = 2^16 spatial groups on the torch path."""
+    """B·N = 2^16 temporal groups and B·T = 2^16 spatial groups on the torch path. The cls
+    token's gradient sums 2^15 float32 terms per clip: its rounding error grows like sqrt(2^15)."""
     qkv = make_qkv(2, 1 + 2 ** 15 * 2, 1, 8, torch.float32)
     _compare(lambda x: tk.temporal_attention(x, 2, 1, with_cls=True, backend="torch"),
-             lambda x: ref_temporal_attention(x, 2, 1, with_cls=True), qkv, torch.float32)
+             lambda x: ref_temporal_attention(x, 2, 1, with_cls=True), qkv, torch.float32, cls_tol=2e-4)
     qkv = make_qkv(2, 1 + 2 ** 15 * 2, 1, 8, torch.float32)
     _compare(lambda x: tk.spatial_attention(x, 2 ** 15, 1, backend="torch"),
-             lambda x: ref_spatial_attention(x, 2 ** 15, 1), qkv, torch.float32)
+             lambda x: ref_spatial_attention(x, 2 ** 15, 1), qkv, torch.float32, cls_tol=2e-4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -84,8 +84,10 @@ def test_issue_model_on_a_hand_counted_loop():
 def test_every_kernel_compiles_for_both_targets_without_spills(tmp_path):
     _run("-m", "benchmarks.static", "--quick", "--out", str(tmp_path), timeout=900)
     rows = report.read_rows(str(tmp_path))
-    # Every kernel of the issue model was found and compiled for both targets.
-    assert {(r["kernel"], r["target"]) for r in rows} >= {(k, t) for k in model.KERNELS for t in aot.TARGETS}
+    # Every kernel of the issue model was found and compiled for both targets, but the whole-group
+    # backward on sm_80, where it is never launched (triton.spatial.whole_group).
+    expected = {(k, t) for k in model.KERNELS for t in aot.TARGETS} - {("_spatial_bwd_group_kernel", "sm_80")}
+    assert {(r["kernel"], r["target"]) for r in rows} >= expected
     bad = {(r["kernel"], r["config"], r["target"]): [i for i in report.issues_of(r) if i[0] in report.FAILURES]
            for r in rows if not report.ok(r)}
     assert not bad, bad

@@ -105,7 +105,9 @@ def main(argv=None) -> int:
         if unknown := [v for v in values if v not in known]:
             raise SystemExit(f"{name}: unknown {unknown} (known: {', '.join(known)})")
     if args.quick:
+        # + HR on sm_90: its 785-row groups take the dQ + dK/dV pair where base takes the whole-group backward
         jobs = [sweep.Job("base", report.MODEL_DTYPE, h, t) for h in head_dims for t in targets]
+        jobs += [sweep.Job("hr", report.MODEL_DTYPE, report.MODEL_HEAD_DIM, report.MODEL_TARGET)]
     else:
         # Most telling first, so that a run cut short (it writes after every job) has it: the issue
         # model's launches (bf16, Dh 64, sm_90, both shapes), then Dh 64 and the largest head dim
@@ -122,7 +124,7 @@ def main(argv=None) -> int:
     meta = dict(triton=triton.__version__, torch=torch.__version__, ptxas=_version(tools["ptxas"]),
                 cuobjdump=_version(tools["cuobjdump"]), jobs=args.jobs)
     dims = ",".join(map(str, head_dims))
-    scope = (f"quick subset: bf16, Dh {dims}, largest tiles" if args.quick
+    scope = (f"quick subset: bf16, Dh {dims}, largest tiles, + hr Dh64 sm_90" if args.quick
              else f"{','.join(dtypes)} x Dh {dims} x {','.join(targets)}, + hr bf16 Dh64 sm_90")
     ctx = multiprocessing.get_context("fork")
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:

@@ -99,17 +99,18 @@ def _recording():
             del obj.run
 
 
-def record_launches(batch: int, frames: int, patches: int, heads: int, head_dim: int, dtype: torch.dtype
-                    ) -> list[Launch]:
+def record_launches(batch: int, frames: int, patches: int, heads: int, head_dim: int, dtype: torch.dtype,
+                    target: GPUTarget) -> list[Launch]:
     """The kernel launches of temporal and spatial attention, forward and backward, on a qkv of
-    the model's layout (B, 1 + N·T, 3·H·Dh), space-major; temporal reads the patch rows
-    ``qkv[:, 1:]`` like the official block. Tensors are allocated, never filled."""
+    the model's layout (B, 1 + N·T, 3·H·Dh), space-major, as a GPU of ``target``'s generation
+    would make them; temporal reads the patch rows ``qkv[:, 1:]`` like the official block.
+    Tensors are allocated, never filled."""
     check_not_interpreting()
     scale = head_dim ** -0.5
     qkv = torch.empty(batch, 1 + patches * frames, 3 * heads * head_dim, dtype=dtype)
     tgroups = temporal_groups(batch, patches * frames, frames, heads, head_dim, "space_major", False)
     sgroups = spatial_groups(batch, 1 + patches * frames, frames, heads, head_dim, "space_major")
-    with _recording() as launches:
+    with _recording() as launches, tk_target.compiling_for(target.arch // 10):
         for x, groups in ((qkv[:, 1:], tgroups), (qkv, sgroups)):
             out, cls_out, lse, cls_lse = tk_triton.attention_fwd(x, groups, scale)
             dcls = None if cls_out is None else torch.empty_like(cls_out)

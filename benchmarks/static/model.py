@@ -79,9 +79,15 @@ def _key_loop_iters(a: dict, grid: tuple) -> int:
     the peeled, masked last block is straight code (counted once per program, even where
     seq_len is a multiple of BLOCK_N and it is skipped). BLOCK_D = 256 does not peel: every
     block is a loop iteration."""
+    keys = a["seq_len"] + a["HAS_CLS_KEY"]  # the cls key is key 0 of the loop
     if a["BLOCK_D"] > WIDE_HEAD_DIM:
-        return math.prod(grid) * math.ceil(a["seq_len"] / a["BLOCK_N"])
-    return math.prod(grid) * (a["seq_len"] // a["BLOCK_N"])
+        return math.prod(grid) * math.ceil(keys / a["BLOCK_N"])
+    return math.prod(grid) * (keys // a["BLOCK_N"])
+
+
+def _masked_key_loop_iters(a: dict, grid: tuple) -> int:
+    """The whole-group backward's key loop: every block, the last one masked, in the loop."""
+    return math.prod(grid) * math.ceil((a["seq_len"] + a["HAS_CLS_KEY"]) / a["BLOCK_N"])
 
 
 def _query_loop_iters(a: dict, grid: tuple) -> int:
@@ -119,6 +125,8 @@ KERNELS = {
                                        lambda sh, s: work.bytes_moved("spatial", sh, "fwd", s)),
     "_spatial_bwd_dq_kernel": KernelModel("spatial bwd", _key_loop_iters, _spatial_dq_bytes),
     "_spatial_bwd_dkdv_kernel": KernelModel("spatial bwd", _query_loop_iters, _spatial_dkdv_bytes),
+    "_spatial_bwd_group_kernel": KernelModel("spatial bwd", _masked_key_loop_iters,
+                                             lambda sh, s: work.bytes_moved("spatial", sh, "bwd", s)),
 }
 OP_BYTES = {"temporal fwd": ("temporal", "fwd"), "temporal bwd": ("temporal", "bwd"),
             "spatial fwd": ("spatial", "fwd"), "spatial bwd": ("spatial", "bwd")}

@@ -203,8 +203,8 @@ def markdown(folder: str, command: str, csrc: list | None, csrc_note: str) -> st
         lines.append(f"| {shape} | {v} | `{kernel}` | {r['config']} | {r['warps_per_sm']} | {_us(b1.issue_s)} | "
                      f"{_us(b1.mufu_s)} | {_us(b1.mma_s)} | {_us(b1.memory_s)} | {_us(b2.memory_s)} | "
                      f"{b1.highest} ({_us(b1.time_s)}) | {b2.highest} ({_us(b2.time_s)}) |")
-    lines += ["", "Per op (best configs; spatial bwd = dQ + dK/dV, against the op's floor, which reads qkv and dout",
-              "once):", "",
+    lines += ["", "Per op (best configs; spatial bwd = the whole-group kernel where it runs (base, sm_90), else dQ + "
+              "dK/dV; against the op's floor, which reads qkv and dout once):", "",
               "| shape | Triton | op | issue | MUFU | MMA | kernels' minimum bytes (MB) | op floor (MB) "
               "| op floor H100 "
               "| op floor H200 |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -86,7 +86,7 @@ def analyse(compiled: aot.Compiled, target: str, tools: dict) -> dict:
     )
 
 
-_LAUNCHES: dict = {}  # per worker process: (shape, dtype, head_dim) -> recorded launches
+_LAUNCHES: dict = {}  # per worker process: (shape, dtype, head_dim, target) -> recorded launches
 
 
 def largest(configs: list) -> list:
@@ -105,9 +105,9 @@ def run_job(job: Job, tools: dict, largest_only: bool = False) -> list[dict]:
     import triton
 
     b, t, n, h = SHAPES[job.shape]
-    key = (job.shape, job.dtype, job.head_dim)
+    key = (job.shape, job.dtype, job.head_dim, job.target)
     if key not in _LAUNCHES:
-        _LAUNCHES[key] = aot.record_launches(b, t, n, h, job.head_dim, aot.DTYPES[job.dtype])
+        _LAUNCHES[key] = aot.record_launches(b, t, n, h, job.head_dim, aot.DTYPES[job.dtype], aot.TARGETS[job.target])
     shape = model.work.Shape(job.shape, b, t, n, h * job.head_dim, h)
     itemsize = aot.DTYPES[job.dtype].itemsize
     rows = []

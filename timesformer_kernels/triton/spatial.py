@@ -5,19 +5,19 @@ and temporal attention with T > 128 (S = T, cls as key only, or no cls). Rows of
 out follow ``layout.py``; nothing is gathered or copied before the kernels run.
 
 The cls token enters as index 0 of a group's key (HAS_CLS_KEY) or query (HAS_CLS_QUERY)
-sequence, handled in one of two ways depending on which side it is on:
+sequence: row 0 of the first tile or key block, whose row addresses select it (the patches
+shift by one, so 1 + 196 or 1 + 784 rows need no more 64/128 tiles than 196 or 784 do, and
+every logit comes out of the same tl.dot, so the forward and backward agree on it bit for
+bit). Only the dK/dV kernel's query loop takes the cls query as a seed step with vector ops.
 
-* on the side a program tiles (queries in the forward and dQ kernels, keys in the dK/dV
-  kernel) it is row 0 of the first tile: the tile shifts the patches by one, so every
-  tile runs the same code, and 1 + 196 or 1 + 784 rows need no more 64/128 tiles than
-  196 or 784 do;
-* on the side a program loops over it is a seed step with vector ops before the loop,
-  so the loop itself sees only patch rows at affine addresses from one tensor.
-
-Backward recomputes the probabilities from the saved log-sum-exp. dQ and dK/dV are
-separate kernels (each program owns the gradient rows it writes, no atomics). The cls
-token is shared by the G groups of a clip: each program writes its group's share of the
-cls gradient to a small (B, G, 3·H·Dh) buffer, summed over G in torch (deterministic).
+Backward recomputes the probabilities from the saved log-sum-exp. Where every query of a
+group fits one tile (1 + 196 rows at TimeSformer-base) and Dh <= 64, on Hopper, one kernel
+does it all (``whole_group``): a program holds the group's queries, loops over its keys,
+accumulates dQ and stores each key block's dK and dV as soon as they are final, so qkv,
+out and dout are read once. Otherwise dQ and dK/dV are separate kernels. Either way each
+program owns the gradient rows it writes (no atomics). The cls token is shared by the G
+groups of a clip: each program writes its group's share of the cls gradient to a small
+(B, G, 3·H·Dh) buffer, summed over G in torch (deterministic).
 """
 from __future__ import annotations
 
@@ -74,6 +74,20 @@ def _tuned(narrow, wide, hopper_only=(), short=()):
     return triton.autotune(configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})
 
 
+def _tuned_group(configs):
+    """Autotune of the whole-group backward over configs (BLOCK_N, num_warps, num_stages);
+    BLOCK_M is the launch's (the group's queries), and sets the warps (see _GROUP_BWD_CONFIGS)."""
+    if interpreting():
+        return triton.autotune([triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)], key=_TUNE_KEY)
+
+    def prune(configs, nargs, **kwargs):
+        rows = kwargs["BLOCK_M"]
+        return [c for c in configs if (c.num_warps == 8 and rows >= 128) or (c.num_warps == 4 and rows <= 128)]
+
+    return triton.autotune([triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in configs],
+                           key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})
+
+
 # BLOCK_M: query rows, BLOCK_N: key rows; the tiled side is the one the grid spans.
 _FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
                 (128, 64, 8, 4), (64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4)]
@@ -99,6 +113,13 @@ _SM90_FWD_CONFIGS = {(256, 64, 8, 2), (128, 64, 4, 3)}  # the latter: 8 B on sm_
 # 3.8: dQ 72 / 80 B and 48 / 40 B; dK/dV 8-24 B on 3.6).
 _SM90_DQ_CONFIGS = {(128, 128, 8, 2), (64, 128, 4, 2)}
 _SM90_DKDV_CONFIGS = {(64, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3)}
+
+# Whole-group backward (BLOCK_D <= SHORT_HEAD_DIM, 1 + S <= GROUP_BWD_MAX_ROWS queries, Hopper):
+# (BLOCK_N, num_warps, num_stages); 8 warps for 128-256 query rows, 4 up to 128 (fewer rows on 8
+# warps would compute them twice). sm_90 bf16 Dh 64 at 256 rows: 212-234 registers, no spill;
+# 64-key blocks spill (120+ B), as do 16 warps.
+GROUP_BWD_MAX_ROWS = 256
+_GROUP_BWD_CONFIGS = [(32, 8, 1), (32, 8, 2), (16, 8, 1), (32, 4, 1), (32, 4, 2)]
 
 
 @triton.jit
@@ -126,19 +147,23 @@ def _load_rows(ptr, rows, stride_row, col, offs_d, row_ok, HEAD_DIM: tl.constexp
 @triton.jit
 def _fwd_step(q, m_i, l_i, acc, qkv_b, start_n, seq_len, g_row, pos_stride, base, stride_qkv_l, k_col, v_col,
               offs_d, qk_scale, HEAD_DIM: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASKED: tl.constexpr):
+              MASKED: tl.constexpr, CLS: tl.constexpr):
     """One key block of the online softmax: the new (m_i, l_i, acc). Only the last, partial
-    block is MASKED: the loop over the whole blocks before it carries no masks."""
+    block is MASKED: the loop over the whole blocks before it carries no masks. CLS: key 0 is
+    the cls token, so keys run to seq_len + 1."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    kv_rows = _group_rows(offs_n, g_row, pos_stride, base, False)
-    k_ok = offs_n < seq_len if MASKED else None
+    kv_rows = _group_rows(offs_n, g_row, pos_stride, base, CLS)
+    k_ok = offs_n < seq_len + CLS if MASKED else None
     k = _load_rows(qkv_b, kv_rows, stride_qkv_l, k_col, offs_d, k_ok, HEAD_DIM)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(ACC) * qk_scale
-    if MASKED:
-        s = tl.where(k_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # Unscaled scores: the scale goes into one FMA with the max (qk_scale >= 0, so max(s)·c == max(s·c)).
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(ACC)
+    if MASKED:  # padded keys load as zeros; masked after scaling, since -inf · 0 is NaN at scale 0
+        m_new = tl.maximum(m_i, tl.max(tl.where(k_ok[None, :], s, float("-inf")), axis=1) * qk_scale)
+        p = tl.where(k_ok[None, :], tl.exp2(s * qk_scale - m_new[:, None]), 0.0)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     v = _load_rows(qkv_b, kv_rows, stride_qkv_l, v_col, offs_d, k_ok, HEAD_DIM)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(ACC)
@@ -147,20 +172,36 @@ def _fwd_step(q, m_i, l_i, acc, qkv_b, start_n, seq_len, g_row, pos_stride, base
 
 @triton.jit
 def _dq_step(dq, q, do, lse2, row_delta, qkv_b, start_n, seq_len, g_row, pos_stride, base, stride_qkv_l, k_col,
-             v_col, offs_d, qk_scale, HEAD_DIM: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
-             MASKED: tl.constexpr):
-    """One key block of dQ: dq + dS·K (MASKED as in _fwd_step)."""
+             v_col, offs_d, qk_scale, dk_ptr, cls_k_ptr, sm_scale, HEAD_DIM: tl.constexpr, ACC: tl.constexpr,
+             BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DKDV: tl.constexpr, CLS: tl.constexpr):
+    """One key block of dQ: dq + dS·K (MASKED and CLS as in _fwd_step). DKDV (the tile holds
+    every query of the group): the block's dK and dV are final here, stored at ``dk_ptr``
+    (dqkv with its batch and the head's dK column applied; rows of 3·H·Dh, dV H·Dh after dK),
+    the cls key's at ``cls_k_ptr`` (its group's fp32 share of the cls gradient, dK part)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    kv_rows = _group_rows(offs_n, g_row, pos_stride, base, False)
-    k_ok = offs_n < seq_len if MASKED else None
+    kv_rows = _group_rows(offs_n, g_row, pos_stride, base, CLS)
+    k_ok = offs_n < seq_len + CLS if MASKED else None
     k = _load_rows(qkv_b, kv_rows, stride_qkv_l, k_col, offs_d, k_ok, HEAD_DIM)
     v = _load_rows(qkv_b, kv_rows, stride_qkv_l, v_col, offs_d, k_ok, HEAD_DIM)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(ACC) * qk_scale
-    p = tl.exp2(s - lse2[:, None])
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(ACC)
+    p = tl.exp2(s * qk_scale - lse2[:, None])
     if MASKED:  # padded keys load as zeros, so their score is 0, not -inf: mask p itself
         p = tl.where(k_ok[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION).to(ACC)
     ds = p * (dp - row_delta[:, None])
+    if DKDV:  # padded queries have q = dO = 0: they add nothing
+        d_ok = (offs_d < HEAD_DIM)[None, :]
+        is_patch = offs_n >= CLS if k_ok is None else k_ok & (offs_n >= CLS)
+        ptrs = dk_ptr + kv_rows[:, None] * (3 * (v_col - k_col)) + offs_d[None, :]
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION).to(ACC)
+        tl.store(ptrs + (v_col - k_col), dv.to(dk_ptr.dtype.element_ty), mask=is_patch[:, None] & d_ok)
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION).to(ACC) * sm_scale
+        tl.store(ptrs, dk.to(dk_ptr.dtype.element_ty), mask=is_patch[:, None] & d_ok)
+        if CLS:
+            cls_ptrs = cls_k_ptr + tl.zeros_like(offs_n)[:, None] + offs_d[None, :]
+            is_cls = (offs_n == 0)[:, None] & d_ok
+            tl.store(cls_ptrs, dk, mask=is_cls)
+            tl.store(cls_ptrs + (v_col - k_col), dv, mask=is_cls)
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION).to(ACC)
 
 
@@ -185,6 +226,84 @@ def _program_ids(pid, num_tiles, num_heads, num_groups):
     return tile, bgh, bg, bg // num_groups, bg % num_groups, h
 
 
+@triton.jit
+def _query_tile(qkv_b, out, dout, lse, cls_out, dcls_out, cls_lse, offs_m, offs_d, b, g, bg, h, log2e, stride_qkv_l,
+                stride_do_b, stride_do_l, stride_dcls_b, stride_dcls_g, num_heads, num_groups, seq_len, g_row,
+                pos_stride, base, HEAD_DIM: tl.constexpr, HAS_CLS_QUERY: tl.constexpr, ACC: tl.constexpr):
+    """What the backward needs of a tile of queries (index 0: the cls query when HAS_CLS_QUERY):
+    (q, dO, delta = rowsum(dO·O), log2-domain lse, qkv rows); zeros past the group's end."""
+    hd = num_heads * HEAD_DIM
+    d_ok = offs_d < HEAD_DIM
+    q_rows = _group_rows(offs_m, g_row, pos_stride, base, HAS_CLS_QUERY)
+    q_ok = offs_m < seq_len + HAS_CLS_QUERY
+    is_patch = q_ok & (offs_m >= HAS_CLS_QUERY)
+    out_rows = q_rows - base
+    num_patches = num_groups * seq_len
+    q = _load_rows(qkv_b, q_rows, stride_qkv_l, h * HEAD_DIM, offs_d, q_ok, HEAD_DIM)
+    do = _load_rows(dout + b.to(tl.int64) * stride_do_b, out_rows, stride_do_l, h * HEAD_DIM, offs_d, is_patch,
+                    HEAD_DIM).to(q.dtype)
+    o = _load_rows(out + b.to(tl.int64) * num_patches * hd, out_rows, hd, h * HEAD_DIM, offs_d, is_patch,
+                   HEAD_DIM).to(ACC)
+    row_lse = tl.load(lse + (b.to(tl.int64) * num_patches + out_rows) * num_heads + h, mask=is_patch, other=0.0)
+    if HAS_CLS_QUERY:
+        is_cls = offs_m == 0
+        do_cls = tl.load(dcls_out + b.to(tl.int64) * stride_dcls_b + g * stride_dcls_g + h * HEAD_DIM + offs_d,
+                         mask=d_ok, other=0.0).to(q.dtype)
+        o_cls = tl.load(cls_out + bg.to(tl.int64) * hd + h * HEAD_DIM + offs_d, mask=d_ok, other=0.0).to(ACC)
+        do = tl.where(is_cls[:, None], do_cls[None, :], do)
+        o = tl.where(is_cls[:, None], o_cls[None, :], o)
+        row_lse = tl.where(is_cls, tl.load(cls_lse + bg.to(tl.int64) * num_heads + h), row_lse)
+    return q, do, tl.sum(do.to(ACC) * o, axis=1), row_lse * log2e, q_rows
+
+
+@triton.jit
+def _store_dq(dq, dqkv, cls_grad, q_rows, offs_m, offs_d, q_ok, b, bg, h, rows_per_clip, hd,
+              HEAD_DIM: tl.constexpr, HAS_CLS_QUERY: tl.constexpr):
+    """Stores a finished (scaled) dQ tile: patch rows into dqkv, the cls query's row (index 0)
+    into its group's fp32 share of the cls gradient, by a second masked store, not a reduction."""
+    d_ok = (offs_d < HEAD_DIM)[None, :]
+    is_patch = q_ok & (offs_m >= HAS_CLS_QUERY)
+    dqkv_b = dqkv + b.to(tl.int64) * rows_per_clip * 3 * hd
+    tl.store(dqkv_b + q_rows[:, None] * (3 * hd) + (h * HEAD_DIM + offs_d)[None, :], dq.to(dqkv.dtype.element_ty),
+             mask=is_patch[:, None] & d_ok)
+    if HAS_CLS_QUERY:
+        cls_q = cls_grad + bg.to(tl.int64) * 3 * hd + h * HEAD_DIM
+        tl.store(cls_q + tl.zeros_like(offs_m)[:, None] + offs_d[None, :], dq, mask=(offs_m == 0)[:, None] & d_ok)
+
+
+@triton.jit
+def _dq_keys(q, do, lse2, row_delta, qkv_b, dqkv, cls_grad, b, bg, h, seq_len, g_row, pos_stride, base,
+             stride_qkv_l, rows_per_clip, hd, qk_scale, sm_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+             HAS_CLS_KEY: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             DKDV: tl.constexpr):
+    """dQ (unscaled) of a tile of queries over every key of its group (the cls key first) in
+    BLOCK_N blocks. DKDV: also every key's dK and dV (see _dq_step)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    k_col, v_col = hd + h * HEAD_DIM, 2 * hd + h * HEAD_DIM
+    dk_ptr = dqkv + b.to(tl.int64) * rows_per_clip * 3 * hd + k_col
+    cls_k_ptr = cls_grad + bg.to(tl.int64) * 3 * hd + k_col
+    num_k = seq_len + HAS_CLS_KEY  # the cls key is key 0, as in the forward
+    dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    # Whole key blocks unmasked, the tail peeled, as in the forward; not at BLOCK_D = 256 nor with
+    # DKDV, where a second copy of the step spills (its loop-invariant dot operands live across both).
+    if BLOCK_D <= _PEEL_MAX_D and not DKDV:
+        whole = num_k - num_k % BLOCK_N
+        for start_n in range(0, whole, BLOCK_N):
+            dq = _dq_step(dq, q, do, lse2, row_delta, qkv_b, start_n, seq_len, g_row, pos_stride, base, stride_qkv_l,
+                          k_col, v_col, offs_d, qk_scale, dk_ptr, cls_k_ptr, sm_scale, HEAD_DIM, ACC, BLOCK_N, False,
+                          DKDV, HAS_CLS_KEY)
+        if whole < num_k:
+            dq = _dq_step(dq, q, do, lse2, row_delta, qkv_b, whole, seq_len, g_row, pos_stride, base, stride_qkv_l,
+                          k_col, v_col, offs_d, qk_scale, dk_ptr, cls_k_ptr, sm_scale, HEAD_DIM, ACC, BLOCK_N, True,
+                          DKDV, HAS_CLS_KEY)
+    else:
+        for start_n in range(0, num_k, BLOCK_N):
+            dq = _dq_step(dq, q, do, lse2, row_delta, qkv_b, start_n, seq_len, g_row, pos_stride, base, stride_qkv_l,
+                          k_col, v_col, offs_d, qk_scale, dk_ptr, cls_k_ptr, sm_scale, HEAD_DIM, ACC, BLOCK_N, True,
+                          DKDV, HAS_CLS_KEY)
+    return dq
+
+
 @_tuned(_FWD_CONFIGS, _WIDE_FWD_CONFIGS, _SM90_FWD_CONFIGS, _SHORT_FWD_CONFIGS)
 @triton.jit
 def _spatial_fwd_kernel(
@@ -192,9 +311,11 @@ def _spatial_fwd_kernel(
     stride_qkv_b, stride_qkv_l,
     num_heads, num_groups, seq_len, group_stride, pos_stride, base, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_CLS_KEY: tl.constexpr,
-    HAS_CLS_QUERY: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_CLS_QUERY: tl.constexpr, ACC: tl.constexpr, NEGATE_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    """One BLOCK_M tile of a group's queries against all its keys (online softmax)."""
+    """One BLOCK_M tile of a group's queries against all its keys (online softmax). A negative
+    scale runs as NEGATE_Q with |scale| (exact), so the key loop may scale the max, not every score."""
     pid_m, bgh, bg, b, g, h = _program_ids(tl.program_id(0), tl.cdiv(seq_len + HAS_CLS_QUERY, BLOCK_M),
                                            num_heads, num_groups)
     hd = num_heads * HEAD_DIM
@@ -205,51 +326,46 @@ def _spatial_fwd_kernel(
     q_rows = _group_rows(offs_m, g_row, pos_stride, base, HAS_CLS_QUERY)
     q_ok = offs_m < seq_len + HAS_CLS_QUERY
     q = _load_rows(qkv_b, q_rows, stride_qkv_l, h * HEAD_DIM, offs_d, q_ok, HEAD_DIM)
+    if NEGATE_Q:
+        q = -q
     _, qk_scale, log2e = _scales(scale, ACC)
 
-    if HAS_CLS_KEY:
-        k_cls = tl.load(qkv_b + hd + h * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0).to(ACC)
-        v_cls = tl.load(qkv_b + 2 * hd + h * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0).to(ACC)
-        m_i = tl.sum(q.to(ACC) * k_cls[None, :], axis=1) * qk_scale
-        l_i = tl.full([BLOCK_M], 1.0, ACC)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], ACC) + v_cls[None, :]
-    else:
-        m_i = tl.full([BLOCK_M], float("-inf"), ACC)
-        l_i = tl.zeros([BLOCK_M], ACC)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+    l_i = tl.zeros([BLOCK_M], ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    k_col, v_col = hd + h * HEAD_DIM, 2 * hd + h * HEAD_DIM
+    num_k = seq_len + HAS_CLS_KEY  # the cls key is key 0: its logit comes from the same dot as the rest
     if BLOCK_D <= _PEEL_MAX_D:  # whole key blocks unmasked, the tail peeled
-        whole = seq_len - seq_len % BLOCK_N
+        whole = num_k - num_k % BLOCK_N
         for start_n in range(0, whole, BLOCK_N):
             m_i, l_i, acc = _fwd_step(q, m_i, l_i, acc, qkv_b, start_n, seq_len, g_row, pos_stride, base,
-                                      stride_qkv_l, hd + h * HEAD_DIM, 2 * hd + h * HEAD_DIM, offs_d, qk_scale,
-                                      HEAD_DIM, ACC, BLOCK_N, False)
-        if whole < seq_len:
+                                      stride_qkv_l, k_col, v_col, offs_d, qk_scale, HEAD_DIM, ACC, BLOCK_N, False,
+                                      HAS_CLS_KEY)
+        if whole < num_k:
             m_i, l_i, acc = _fwd_step(q, m_i, l_i, acc, qkv_b, whole, seq_len, g_row, pos_stride, base,
-                                      stride_qkv_l, hd + h * HEAD_DIM, 2 * hd + h * HEAD_DIM, offs_d, qk_scale,
-                                      HEAD_DIM, ACC, BLOCK_N, True)
+                                      stride_qkv_l, k_col, v_col, offs_d, qk_scale, HEAD_DIM, ACC, BLOCK_N, True,
+                                      HAS_CLS_KEY)
     else:  # BLOCK_D = 256: a second copy of the loop body spills, so every block is masked
-        for start_n in range(0, seq_len, BLOCK_N):
+        for start_n in range(0, num_k, BLOCK_N):
             m_i, l_i, acc = _fwd_step(q, m_i, l_i, acc, qkv_b, start_n, seq_len, g_row, pos_stride, base,
-                                      stride_qkv_l, hd + h * HEAD_DIM, 2 * hd + h * HEAD_DIM, offs_d, qk_scale,
-                                      HEAD_DIM, ACC, BLOCK_N, True)
+                                      stride_qkv_l, k_col, v_col, offs_d, qk_scale, HEAD_DIM, ACC, BLOCK_N, True,
+                                      HAS_CLS_KEY)
 
     acc = acc / l_i[:, None]
     row_lse = (m_i + tl.log2(l_i)) / log2e  # natural log, as the contract says
-    is_patch = q_ok & (offs_m >= HAS_CLS_QUERY)
     out_rows = q_rows - base  # row of out/lse, see layout.py (meaningless for the cls query)
     num_patches = num_groups * seq_len
+    is_patch = q_ok & (offs_m >= HAS_CLS_QUERY)
+    d_ok = (offs_d < HEAD_DIM)[None, :]
+    o = acc.to(out.dtype.element_ty)
     out_b = out + b.to(tl.int64) * num_patches * hd
-    tl.store(out_b + out_rows[:, None] * hd + (h * HEAD_DIM + offs_d)[None, :], acc.to(out.dtype.element_ty),
-             mask=is_patch[:, None] & (offs_d < HEAD_DIM)[None, :])
+    tl.store(out_b + out_rows[:, None] * hd + (h * HEAD_DIM + offs_d)[None, :], o, mask=is_patch[:, None] & d_ok)
     tl.store(lse + (b.to(tl.int64) * num_patches + out_rows) * num_heads + h, row_lse, mask=is_patch)
-    if HAS_CLS_QUERY:
-        if pid_m == 0:
-            is_cls = offs_m == 0
-            cls_o = tl.sum(tl.where(is_cls[:, None], acc, 0.0), axis=0)
-            tl.store(cls_out + bg.to(tl.int64) * hd + h * HEAD_DIM + offs_d, cls_o.to(cls_out.dtype.element_ty),
-                     mask=offs_d < HEAD_DIM)
-            tl.store(cls_lse + bg.to(tl.int64) * num_heads + h, tl.sum(tl.where(is_cls, row_lse, 0.0), axis=0))
+    if HAS_CLS_QUERY:  # the cls query's row to its (B, G) slot: a second masked store, no reduction
+        is_cls = offs_m == 0
+        cls_o = cls_out + bg.to(tl.int64) * hd + h * HEAD_DIM
+        tl.store(cls_o + tl.zeros_like(offs_m)[:, None] + offs_d[None, :], o, mask=is_cls[:, None] & d_ok)
+        tl.store(cls_lse + bg.to(tl.int64) * num_heads + h + tl.zeros_like(offs_m), row_lse, mask=is_cls)
 
 
 @_tuned(_BWD_DQ_CONFIGS, _WIDE_DQ_CONFIGS, _SM90_DQ_CONFIGS)
@@ -270,64 +386,56 @@ def _spatial_bwd_dq_kernel(
     qkv_b = qkv + b.to(tl.int64) * stride_qkv_b
     g_row = g * group_stride
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_rows = _group_rows(offs_m, g_row, pos_stride, base, HAS_CLS_QUERY)
     q_ok = offs_m < num_q
-    is_patch = q_ok & (offs_m >= HAS_CLS_QUERY)
-    out_rows = q_rows - base
-    num_patches = num_groups * seq_len
-    q = _load_rows(qkv_b, q_rows, stride_qkv_l, h * HEAD_DIM, offs_d, q_ok, HEAD_DIM)
-    do = _load_rows(dout + b.to(tl.int64) * stride_do_b, out_rows, stride_do_l, h * HEAD_DIM, offs_d, is_patch,
-                    HEAD_DIM).to(q.dtype)
-    o = _load_rows(out + b.to(tl.int64) * num_patches * hd, out_rows, hd, h * HEAD_DIM, offs_d, is_patch,
-                   HEAD_DIM).to(ACC)
-    row_lse = tl.load(lse + (b.to(tl.int64) * num_patches + out_rows) * num_heads + h, mask=is_patch, other=0.0)
-    if HAS_CLS_QUERY:
-        is_cls = offs_m == 0
-        do_cls = tl.load(dcls_out + b.to(tl.int64) * stride_dcls_b + g * stride_dcls_g + h * HEAD_DIM + offs_d,
-                         mask=d_ok, other=0.0).to(q.dtype)
-        o_cls = tl.load(cls_out + bg.to(tl.int64) * hd + h * HEAD_DIM + offs_d, mask=d_ok, other=0.0).to(ACC)
-        do = tl.where(is_cls[:, None], do_cls[None, :], do)
-        o = tl.where(is_cls[:, None], o_cls[None, :], o)
-        row_lse = tl.where(is_cls, tl.load(cls_lse + bg.to(tl.int64) * num_heads + h), row_lse)
-    row_delta = tl.sum(do.to(ACC) * o, axis=1)
     sm_scale, qk_scale, log2e = _scales(scale, ACC)
-    lse2 = row_lse * log2e
+    q, do, row_delta, lse2, q_rows = _query_tile(
+        qkv_b, out, dout, lse, cls_out, dcls_out, cls_lse, offs_m, offs_d, b, g, bg, h, log2e, stride_qkv_l,
+        stride_do_b, stride_do_l, stride_dcls_b, stride_dcls_g, num_heads, num_groups, seq_len, g_row, pos_stride,
+        base, HEAD_DIM, HAS_CLS_QUERY, ACC)
+    num_patches = num_groups * seq_len
     stats = bgh.to(tl.int64) * stats_stride + STATS_LEAD - HAS_CLS_QUERY + offs_m
     tl.store(delta + stats, row_delta, mask=q_ok)
     tl.store(lse2_rows + stats, lse2, mask=q_ok)
 
-    if HAS_CLS_KEY:
-        k_cls = tl.load(qkv_b + hd + h * HEAD_DIM + offs_d, mask=d_ok, other=0.0).to(ACC)
-        v_cls = tl.load(qkv_b + 2 * hd + h * HEAD_DIM + offs_d, mask=d_ok, other=0.0).to(ACC)
-        p_cls = tl.exp2(tl.sum(q.to(ACC) * k_cls[None, :], axis=1) * qk_scale - lse2)
-        ds_cls = p_cls * (tl.sum(do.to(ACC) * v_cls[None, :], axis=1) - row_delta)
-        dq = ds_cls[:, None] * k_cls[None, :]
-    else:
-        dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    dq = _dq_keys(q, do, lse2, row_delta, qkv_b, dqkv, cls_grad, b, bg, h, seq_len, g_row, pos_stride, base,
+                  stride_qkv_l, num_patches + base, hd, qk_scale, sm_scale, HEAD_DIM, BLOCK_D, HAS_CLS_KEY, ACC,
+                  BLOCK_M, BLOCK_N, False)
 
-    if BLOCK_D <= _PEEL_MAX_D:  # whole key blocks unmasked, the tail peeled (as in the forward)
-        whole = seq_len - seq_len % BLOCK_N
-        for start_n in range(0, whole, BLOCK_N):
-            dq = _dq_step(dq, q, do, lse2, row_delta, qkv_b, start_n, seq_len, g_row, pos_stride, base, stride_qkv_l,
-                          hd + h * HEAD_DIM, 2 * hd + h * HEAD_DIM, offs_d, qk_scale, HEAD_DIM, ACC, BLOCK_N, False)
-        if whole < seq_len:
-            dq = _dq_step(dq, q, do, lse2, row_delta, qkv_b, whole, seq_len, g_row, pos_stride, base, stride_qkv_l,
-                          hd + h * HEAD_DIM, 2 * hd + h * HEAD_DIM, offs_d, qk_scale, HEAD_DIM, ACC, BLOCK_N, True)
-    else:
-        for start_n in range(0, seq_len, BLOCK_N):
-            dq = _dq_step(dq, q, do, lse2, row_delta, qkv_b, start_n, seq_len, g_row, pos_stride, base, stride_qkv_l,
-                          hd + h * HEAD_DIM, 2 * hd + h * HEAD_DIM, offs_d, qk_scale, HEAD_DIM, ACC, BLOCK_N, True)
+    _store_dq(dq * sm_scale, dqkv, cls_grad, q_rows, offs_m, offs_d, q_ok, b, bg, h, num_patches + base, hd,
+              HEAD_DIM, HAS_CLS_QUERY)
 
-    dq = dq * sm_scale
-    dqkv_b = dqkv + b.to(tl.int64) * (num_patches + base) * 3 * hd
-    tl.store(dqkv_b + q_rows[:, None] * (3 * hd) + (h * HEAD_DIM + offs_d)[None, :], dq.to(dqkv.dtype.element_ty),
-             mask=is_patch[:, None] & d_ok[None, :])
-    if HAS_CLS_QUERY:
-        if pid_m == 0:
-            dq_cls = tl.sum(tl.where(is_cls[:, None], dq, 0.0), axis=0)
-            tl.store(cls_grad + bg.to(tl.int64) * 3 * hd + h * HEAD_DIM + offs_d, dq_cls, mask=d_ok)
+
+@_tuned_group(_GROUP_BWD_CONFIGS)
+@triton.jit
+def _spatial_bwd_group_kernel(
+    qkv, out, dout, lse, cls_out, dcls_out, cls_lse, dqkv, cls_grad,
+    stride_qkv_b, stride_qkv_l, stride_do_b, stride_do_l, stride_dcls_b, stride_dcls_g,
+    num_heads, num_groups, seq_len, group_stride, pos_stride, base, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_CLS_KEY: tl.constexpr,
+    HAS_CLS_QUERY: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The whole backward of one (clip, group, head) whose queries all fit one BLOCK_M tile:
+    dQ of every query, and block by block the final dK and dV of the keys. Reads qkv, out and
+    dout once (the op's floor) and computes the scores once, where the dQ + dK/dV pair reads
+    and computes them twice."""
+    _, _, bg, b, g, h = _program_ids(tl.program_id(0), 1, num_heads, num_groups)
+    hd = num_heads * HEAD_DIM
+    qkv_b = qkv + b.to(tl.int64) * stride_qkv_b
+    g_row = g * group_stride
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_m = tl.arange(0, BLOCK_M)
+    sm_scale, qk_scale, log2e = _scales(scale, ACC)
+    q, do, row_delta, lse2, q_rows = _query_tile(
+        qkv_b, out, dout, lse, cls_out, dcls_out, cls_lse, offs_m, offs_d, b, g, bg, h, log2e, stride_qkv_l,
+        stride_do_b, stride_do_l, stride_dcls_b, stride_dcls_g, num_heads, num_groups, seq_len, g_row, pos_stride,
+        base, HEAD_DIM, HAS_CLS_QUERY, ACC)
+    rows_per_clip = num_groups * seq_len + base
+    dq = _dq_keys(q, do, lse2, row_delta, qkv_b, dqkv, cls_grad, b, bg, h, seq_len, g_row, pos_stride, base,
+                  stride_qkv_l, rows_per_clip, hd, qk_scale, sm_scale, HEAD_DIM, BLOCK_D, HAS_CLS_KEY, ACC,
+                  BLOCK_M, BLOCK_N, True)
+    _store_dq(dq * sm_scale, dqkv, cls_grad, q_rows, offs_m, offs_d, offs_m < seq_len + HAS_CLS_QUERY, b, bg, h,
+              rows_per_clip, hd, HEAD_DIM, HAS_CLS_QUERY)
 
 
 @_tuned(_BWD_DKDV_CONFIGS, _WIDE_DKDV_CONFIGS, _SM90_DKDV_CONFIGS)
@@ -440,7 +548,7 @@ def spatial_fwd(qkv: torch.Tensor, groups: Groups, scale: float):
 
     _spatial_fwd_kernel[grid](
         qkv, out, lse, out if cls_out is None else cls_out, lse if cls_lse is None else cls_lse,
-        qkv.stride(0), qkv.stride(1), *_group_args(groups, scale), **_meta(qkv, groups))
+        qkv.stride(0), qkv.stride(1), *_group_args(groups, abs(scale)), NEGATE_Q=scale < 0, **_meta(qkv, groups))
     return out, cls_out, lse, cls_lse
 
 
@@ -460,23 +568,48 @@ def spatial_bwd(dout, dcls_out, qkv, out, cls_out, lse, cls_lse, groups: Groups,
     stat_dtype = lse.dtype
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     num_q = groups.seq_len + int(groups.cls_query)
-    num_k = groups.seq_len + int(groups.cls_key)
-    stats_stride = STATS_LEAD.value + triton.cdiv(groups.seq_len, _STATS_TILE) * _STATS_TILE
-    delta, lse2 = torch.zeros(2, b * g * h, stats_stride, dtype=stat_dtype, device=qkv.device)
     # Per-group shares of the cls token's gradient, laid out like a qkv row; the parts no
     # kernel writes (no cls key, or no cls query) stay zero.
-    cls_grad = torch.zeros(b, g, 3 * hd, dtype=stat_dtype, device=qkv.device) if groups.base else delta
+    cls_grad = torch.zeros(b, g, 3 * hd, dtype=stat_dtype, device=qkv.device) if groups.base else None
     if groups.cls_query:
         cls_out, cls_lse = cls_out.contiguous(), cls_lse.contiguous()
     else:  # placeholders the kernels never touch
         dcls_out, cls_out, cls_lse = dout, out, lse
     strides = (qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), dcls_out.stride(0), dcls_out.stride(1))
-    args = (*_group_args(groups, scale), stats_stride)
 
+    if whole_group(groups, qkv.dtype, qkv.device):
+        _spatial_bwd_group_kernel[(b * g * h,)](
+            qkv, out, dout, lse, cls_out, dcls_out, cls_lse, dqkv, dqkv if cls_grad is None else cls_grad, *strides,
+            *_group_args(groups, scale), BLOCK_M=max(16, triton.next_power_of_2(num_q)), **meta)
+    else:
+        _spatial_bwd_pair(qkv, out, dout, lse, cls_out, dcls_out, cls_lse, dqkv, cls_grad, strides, groups, scale,
+                          meta)
+    if groups.base:
+        dqkv[:, 0] = cls_grad.sum(1).to(qkv.dtype)
+    return dqkv
+
+
+def whole_group(groups: Groups, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the backward runs as one kernel per (clip, group, head) rather than the dQ +
+    dK/dV pair: every query of the group in one tile, head dims up to SHORT_HEAD_DIM, Hopper or
+    newer (on the A100 its mma.sync operands stay in registers and spill) and, on a GPU, 16-bit
+    inputs (float32's three tf32 products a dot overflow registers and shared memory). The
+    interpreter (CPU tensors) takes it in every dtype, so that float32/64 tests check its maths."""
+    fits = groups.head_dim <= SHORT_HEAD_DIM and groups.seq_len + int(groups.cls_query) <= GROUP_BWD_MAX_ROWS
+    precision_ok = device.type != "cuda" or dtype in (torch.float16, torch.bfloat16)
+    return fits and precision_ok and target.capability_major(device) >= target.HOPPER
+
+
+def _spatial_bwd_pair(qkv, out, dout, lse, cls_out, dcls_out, cls_lse, dqkv, cls_grad, strides, groups, scale, meta):
+    """The backward as a dQ kernel (which also writes the per-query statistics) then a dK/dV kernel."""
+    b, g, h = groups.batch, groups.num_groups, groups.num_heads
+    num_q = groups.seq_len + int(groups.cls_query)
+    num_k = groups.seq_len + int(groups.cls_key)
+    stats_stride = STATS_LEAD.value + triton.cdiv(groups.seq_len, _STATS_TILE) * _STATS_TILE
+    delta, lse2 = torch.zeros(2, b * g * h, stats_stride, dtype=lse.dtype, device=qkv.device)
+    cls_grad = delta if cls_grad is None else cls_grad  # a placeholder the kernels never touch
+    args = (*_group_args(groups, scale), stats_stride)
     _spatial_bwd_dq_kernel[lambda m: (triton.cdiv(num_q, m["BLOCK_M"]) * b * g * h,)](
         qkv, out, dout, lse, cls_out, dcls_out, cls_lse, dqkv, cls_grad, delta, lse2, *strides, *args, **meta)
     _spatial_bwd_dkdv_kernel[lambda m: (triton.cdiv(num_k, m["BLOCK_N"]) * b * g * h,)](
         qkv, dout, dcls_out, dqkv, cls_grad, delta, lse2, *strides, *args, **meta)
-    if groups.base:
-        dqkv[:, 0] = cls_grad.sum(1).to(qkv.dtype)
-    return dqkv

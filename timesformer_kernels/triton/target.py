@@ -14,9 +14,15 @@ HOPPER = 9  # compute capability major of sm_90
 _forced: int | None = None
 
 
-def capability_major() -> int:
-    """Compute capability major the next launch's configs are pruned for."""
-    return torch.cuda.get_device_capability()[0] if _forced is None else _forced
+def capability_major(device: torch.device | None = None) -> int:
+    """Compute capability major the next launch's configs are pruned for (and its kernels
+    chosen by). CPU tensors (Triton's interpreter) count as Hopper unless ``compiling_for``
+    says otherwise."""
+    if _forced is not None:
+        return _forced
+    if device is not None and device.type != "cuda":
+        return HOPPER
+    return torch.cuda.get_device_capability()[0]
 
 
 @contextlib.contextmanager
