@@ -98,20 +98,25 @@ _BWD_DQ_CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 
 # steps over 64 keys (spill on Triton 3.6).
 _BWD_DKDV_CONFIGS = [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (32, 128, 8, 2),
                      (64, 64, 4, 3)]
-# BLOCK_D = 256: 32-row steps on the looped side and 8 warps where the tiled side's fp32
-# accumulators are wide keep every config unspilled (ptxas, sm_90 and sm_80) and its
-# pipelined tiles within sm_80's 163 KB of shared memory.
-_WIDE_FWD_CONFIGS = [(64, 32, 8, 2), (64, 32, 8, 3), (32, 32, 4, 2)]
-_WIDE_DQ_CONFIGS = [(64, 32, 8, 2), (32, 32, 4, 2)]
-_WIDE_DKDV_CONFIGS = [(32, 64, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)]
+# BLOCK_D = 256: 32-row steps on the looped side keep every config unspilled (ptxas, sm_90 and
+# sm_80) and its pipelined tiles within sm_80's 163 KB of shared memory. Forward and dQ: 128
+# tiled rows on 8 warps or 64 on 4 (Hopper only: they spill on sm_80), or 32 on 4; 64 rows on
+# 8 warps computed the scores twice (1.5x / 1.67x the MMA work; bf16 Dh 160 sm_90 issue bound
+# fwd 109.5 -> 63.9 us). dK/dV: 16-query steps on 4 warps still issue 1.5x the MMA work, but
+# every config without that (32-query steps) spills or issues more (177.8 vs 153.4 us), and the
+# issue bound is its highest.
+_WIDE_FWD_CONFIGS = [(128, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)]
+_WIDE_DQ_CONFIGS = [(128, 32, 8, 2), (32, 32, 4, 2)]
+_WIDE_DKDV_CONFIGS = [(16, 32, 4, 2), (32, 16, 4, 2)]
 # BLOCK_D <= 64: 256 query rows hold a whole TimeSformer-base frame group (1 + 196), so K and V
 # are read once instead of once per 128-row tile (counted bytes 1.50x -> 1.00x of the minimum;
 # sm_90 bf16: 231 registers, no spill, issue bound 27.0 us vs 27.8 for 128 rows). Spills on sm_80.
 _SHORT_FWD_CONFIGS = [(256, 64, 8, 2)]
-_SM90_FWD_CONFIGS = {(256, 64, 8, 2), (128, 64, 4, 3)}  # the latter: 8 B on sm_80 (3.8)
+_SM90_FWD_CONFIGS = {(256, 64, 8, 2), (128, 64, 4, 3),  # the latter: 8 B on sm_80 (3.8)
+                     (128, 32, 8, 2), (64, 32, 4, 2)}  # BLOCK_D 256: 33 / 12 B on sm_80
 # Hopper-only (pruned before sm_90): these spill on sm_80 (ptxas, bf16 Dh 64, Triton 3.6 /
 # 3.8: dQ 72 / 80 B and 48 / 40 B; dK/dV 8-24 B on 3.6).
-_SM90_DQ_CONFIGS = {(128, 128, 8, 2), (64, 128, 4, 2)}
+_SM90_DQ_CONFIGS = {(128, 128, 8, 2), (64, 128, 4, 2), (128, 32, 8, 2)}  # the last: BLOCK_D 256, 40 B on sm_80
 _SM90_DKDV_CONFIGS = {(64, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3)}
 
 # Whole-group backward (BLOCK_D <= SHORT_HEAD_DIM, 1 + S <= GROUP_BWD_MAX_ROWS queries, Hopper):
