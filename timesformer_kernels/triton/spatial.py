@@ -176,6 +176,13 @@ def _fwd_step(q, m_i, l_i, acc, qkv_b, start_n, seq_len, g_row, pos_stride, base
 
 
 @triton.jit
+def _store_row0(ptr, tile, offs, offs_d, d_ok):
+    """Stores row 0 of ``tile`` (the cls token's, index 0 of ``offs``) at ``ptr + offs_d``: a
+    masked store through one broadcast row pointer, instead of reducing the tile across rows."""
+    tl.store(ptr + tl.zeros_like(offs)[:, None] + offs_d[None, :], tile, mask=(offs == 0)[:, None] & d_ok)
+
+
+@triton.jit
 def _dq_step(dq, q, do, lse2, row_delta, qkv_b, start_n, seq_len, g_row, pos_stride, base, stride_qkv_l, k_col,
              v_col, offs_d, qk_scale, dk_ptr, cls_k_ptr, sm_scale, HEAD_DIM: tl.constexpr, ACC: tl.constexpr,
              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DKDV: tl.constexpr, CLS: tl.constexpr):
@@ -203,10 +210,8 @@ def _dq_step(dq, q, do, lse2, row_delta, qkv_b, start_n, seq_len, g_row, pos_str
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION).to(ACC) * sm_scale
         tl.store(ptrs, dk.to(dk_ptr.dtype.element_ty), mask=is_patch[:, None] & d_ok)
         if CLS:
-            cls_ptrs = cls_k_ptr + tl.zeros_like(offs_n)[:, None] + offs_d[None, :]
-            is_cls = (offs_n == 0)[:, None] & d_ok
-            tl.store(cls_ptrs, dk, mask=is_cls)
-            tl.store(cls_ptrs + (v_col - k_col), dv, mask=is_cls)
+            _store_row0(cls_k_ptr, dk, offs_n, offs_d, d_ok)
+            _store_row0(cls_k_ptr + (v_col - k_col), dv, offs_n, offs_d, d_ok)
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION).to(ACC)
 
 
@@ -265,7 +270,7 @@ def _query_tile(qkv_b, out, dout, lse, cls_out, dcls_out, cls_lse, offs_m, offs_
 def _store_dq(dq, dqkv, cls_grad, q_rows, offs_m, offs_d, q_ok, b, bg, h, rows_per_clip, hd,
               HEAD_DIM: tl.constexpr, HAS_CLS_QUERY: tl.constexpr):
     """Stores a finished (scaled) dQ tile: patch rows into dqkv, the cls query's row (index 0)
-    into its group's fp32 share of the cls gradient, by a second masked store, not a reduction."""
+    into its group's fp32 share of the cls gradient."""
     d_ok = (offs_d < HEAD_DIM)[None, :]
     is_patch = q_ok & (offs_m >= HAS_CLS_QUERY)
     dqkv_b = dqkv + b.to(tl.int64) * rows_per_clip * 3 * hd
@@ -273,7 +278,7 @@ def _store_dq(dq, dqkv, cls_grad, q_rows, offs_m, offs_d, q_ok, b, bg, h, rows_p
              mask=is_patch[:, None] & d_ok)
     if HAS_CLS_QUERY:
         cls_q = cls_grad + bg.to(tl.int64) * 3 * hd + h * HEAD_DIM
-        tl.store(cls_q + tl.zeros_like(offs_m)[:, None] + offs_d[None, :], dq, mask=(offs_m == 0)[:, None] & d_ok)
+        _store_row0(cls_q, dq, offs_m, offs_d, d_ok)
 
 
 @triton.jit
@@ -366,11 +371,9 @@ def _spatial_fwd_kernel(
     out_b = out + b.to(tl.int64) * num_patches * hd
     tl.store(out_b + out_rows[:, None] * hd + (h * HEAD_DIM + offs_d)[None, :], o, mask=is_patch[:, None] & d_ok)
     tl.store(lse + (b.to(tl.int64) * num_patches + out_rows) * num_heads + h, row_lse, mask=is_patch)
-    if HAS_CLS_QUERY:  # the cls query's row to its (B, G) slot: a second masked store, no reduction
-        is_cls = offs_m == 0
-        cls_o = cls_out + bg.to(tl.int64) * hd + h * HEAD_DIM
-        tl.store(cls_o + tl.zeros_like(offs_m)[:, None] + offs_d[None, :], o, mask=is_cls[:, None] & d_ok)
-        tl.store(cls_lse + bg.to(tl.int64) * num_heads + h + tl.zeros_like(offs_m), row_lse, mask=is_cls)
+    if HAS_CLS_QUERY:  # the cls query's row to its (B, G) slot
+        _store_row0(cls_out + bg.to(tl.int64) * hd + h * HEAD_DIM, o, offs_m, offs_d, d_ok)
+        tl.store(cls_lse + bg.to(tl.int64) * num_heads + h + tl.zeros_like(offs_m), row_lse, mask=offs_m == 0)
 
 
 @_tuned(_BWD_DQ_CONFIGS, _WIDE_DQ_CONFIGS, _SM90_DQ_CONFIGS)
