@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .ops import spatial_attention, temporal_attention
+from .parallel import FrameSplit
 from .validation import check_int
 
 
@@ -40,35 +41,62 @@ def _patch_mask(mask: Tensor, b: int, n: int, t: int, per: str, token_order: str
 def temporal_residual(x: Tensor, num_frames: int, num_heads: int, norm: nn.Module, qkv: nn.Module,
                       proj: nn.Module, fc: Optional[nn.Module], drop_prob: float, training: bool,
                       token_order: str = "space_major", backend: str = "auto",
-                      scale: Optional[float] = None) -> Tensor:
-    """Patch tokens after the temporal branch: x[:, 1:] + fc(drop_path(proj(attn(norm(x)))))."""
-    # norm and qkv are per token: run them on the whole sequence once and pass qkv[:, 1:] as a view.
-    attn = temporal_attention(qkv(norm(x))[:, 1:], num_frames, num_heads, scale=scale, token_order=token_order,
-                              backend=backend)
-    b, n = x.shape[0], attn.shape[1] // num_frames  # after the op has validated num_frames
-    res = proj(attn)
+                      scale: Optional[float] = None, split: Optional[FrameSplit] = None) -> Tensor:
+    """Patch tokens after the temporal branch: x[:, 1:] + fc(drop_path(proj(attn(norm(x))))).
+
+    With a ``split``, x holds this rank's ``num_frames`` frames of each clip, and the whole branch
+    (every layer of it is per token but the attention) runs on the patch split, all frames of this
+    rank's patches: two all-to-alls of x's D channels, not one of q, k, v (3·D) and one of the output.
+    """
+    b = x.shape[0]
+    if split is None:
+        # norm and qkv are per token: run them on the whole sequence once and pass qkv[:, 1:] as a view.
+        tokens, frames, order = qkv(norm(x))[:, 1:], num_frames, token_order
+    else:
+        tokens = qkv(norm(split.to_patch_split(x[:, 1:], num_frames, token_order)))
+        frames, order = num_frames * split.size, "time_major"
+    res = proj(temporal_attention(tokens, frames, num_heads, scale=scale, token_order=order, backend=backend))
+    n = (x.shape[1] - 1) // num_frames  # after the op has validated num_frames
     # drawn in the branch's dtype, like upstream's drop_path(branch) (differs from x's under autocast)
     mask = drop_path_mask(res, b * n, drop_prob, training)
     if mask is not None:
-        res = res * _patch_mask(mask, b, n, num_frames, "patch", token_order)
+        batch, columns = b, n
+        if split is not None:  # the patch split's columns: every clip's patches [start, stop), time-major
+            start, stop = split.patch_range(n)
+            mask, batch, columns = mask.view(b, n)[:, start:stop].reshape(-1), 1, b * (stop - start)
+        res = res * _patch_mask(mask, batch, columns, frames, "patch", order)
     if fc is not None:
         res = fc(res)
+    if split is not None:
+        res = split.to_frame_split(res, b, n, token_order)
     return x[:, 1:] + res
 
 
 def spatial_residual(x: Tensor, num_frames: int, num_heads: int, norm: nn.Module, qkv: nn.Module,
                      proj: nn.Module, drop_prob: float, training: bool, token_order: str = "space_major",
-                     backend: str = "auto", scale: Optional[float] = None) -> Tensor:
-    """x + the spatial branch, with the cls output averaged over the frame groups."""
+                     backend: str = "auto", scale: Optional[float] = None,
+                     split: Optional[FrameSplit] = None) -> Tensor:
+    """x + the spatial branch, with the cls output averaged over the frame groups.
+
+    With a ``split``, x holds this rank's ``num_frames`` frames: drop-path draws the masks of all
+    frames (upstream's draw) and keeps this rank's, and the cls output's mean over all frames is
+    the sum over the ranks of their frames' sums."""
     out, cls_out = spatial_attention(qkv(norm(x)), num_frames, num_heads, scale=scale, token_order=token_order,
                                      backend=backend)
     b, n = x.shape[0], out.shape[1] // num_frames  # after the op has validated num_frames
     res, cls_res = proj(out), proj(cls_out)
-    mask = drop_path_mask(res, b * num_frames, drop_prob, training)
+    frames = num_frames if split is None else num_frames * split.size
+    mask = drop_path_mask(res, b * frames, drop_prob, training)
     if mask is not None:
+        if split is not None:
+            mask = split.shard(mask.view(b, frames), 1).reshape(-1)
         res = res * _patch_mask(mask, b, n, num_frames, "frame", token_order)
         cls_res = cls_res * mask.view(b, num_frames, 1)
-    return x + torch.cat([cls_res.mean(1, keepdim=True), res], dim=1)
+    if split is None:
+        cls_res = cls_res.mean(1, keepdim=True)
+    else:
+        cls_res = split.sum(cls_res.sum(1, keepdim=True)) / frames
+    return x + torch.cat([cls_res, res], dim=1)
 
 
 def mlp_residual(x: Tensor, norm: nn.Module, mlp, drop_prob: float, training: bool) -> Tensor:

@@ -15,7 +15,7 @@ from collections import Counter
 from torch import nn
 
 from ..validation import check_backend
-from . import diffusers, huggingface, lucidrains, mmaction, official
+from . import context_parallel, diffusers, huggingface, lucidrains, mmaction, official
 from ._common import NO_FORWARD, ORIGINAL_ATTR
 
 _FAMILIES = (huggingface, mmaction, official, lucidrains, diffusers)
@@ -50,7 +50,9 @@ def patch(model: nn.Module, backend: str = "auto") -> nn.Module:
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Restore every forward that ``patch`` replaced in ``model``; returns ``model``."""
+    """Restore every forward that ``patch`` replaced in ``model`` (and undo ``context_parallel``);
+    returns ``model``."""
+    context_parallel.undo(model)
     for module in model.modules():
         saved = module.__dict__.pop(ORIGINAL_ATTR, None)
         if saved is None:

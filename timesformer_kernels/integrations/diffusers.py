@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._common import active_dropout, bind_arguments, original_forward, run_original
+from ._common import active_dropout, bind_arguments, frame_split, original_forward, run_original
 from .diffusers_ops import (DEFAULT_PROCESSORS, basic_block, group_norm_clips, linear_from_channels,
                             linear_to_channels, svd_block)
 
@@ -186,8 +186,9 @@ def _channel_first_reason(module, args: dict):
         return _warn("proj", "with proj_in / proj_out that are not plain nn.Linear or that carry hooks")
     if _hooked(module.norm):
         return _warn("norm_hooks", "with hooks on its GroupNorm")
+    split = frame_split(module)
     for block in module.transformer_blocks:
-        if block.pos_embed is not None and frames > block.pos_embed.pe.shape[1]:
+        if block.pos_embed is not None and frames * (split.size if split else 1) > block.pos_embed.pe.shape[1]:
             return None, ""
         reason = _block_reason(block, _basic_block_attentions(block), module.proj_in.out_features)
         if reason is not None:
@@ -235,13 +236,18 @@ def _latte_reason(model, args: dict):
 def _channel_first(module, args: dict, backend: str) -> torch.Tensor:
     x, frames = args["hidden_states"], args["num_frames"]
     bf, c, height, width = x.shape
-    batch = bf // frames
-    flat = x.reshape(bf, c, height * width)
-    h = linear_from_channels(group_norm_clips(flat, batch, frames, module.norm), module.proj_in)
-    h = h.view(batch, frames * height * width, h.shape[-1])
+    batch, pixels = bf // frames, height * width
+    split = frame_split(module)
+    flat = x.reshape(bf, c, pixels)
+    h = linear_from_channels(group_norm_clips(flat, batch, frames, module.norm, split), module.proj_in)
+    h = h.view(batch, frames * pixels, h.shape[-1])
+    if split is not None:  # every layer of the blocks is per pixel but the attention: all run on the pixel split
+        h, frames = split.to_patch_split(h, frames, "time_major"), frames * split.size
     for block in module.transformer_blocks:
         h = basic_block(block, h, frames, backend)
-    out = linear_to_channels(h.view(bf, height * width, h.shape[-1]), module.proj_out)
+    if split is not None:
+        h = split.to_frame_split(h, batch, pixels, "time_major")
+    out = linear_to_channels(h.view(bf, pixels, h.shape[-1]), module.proj_out)
     return (out + flat).view(bf, c, height, width)
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..layout import stats_dtype
 from ..ops import temporal_attention
 
 # diffusers' processors whose maths the fused path reproduces (class name -> uses to_qkv).
@@ -97,23 +98,31 @@ def linear_to_channels(h: Tensor, linear: nn.Linear) -> Tensor:
     return _LinearToChannels.apply(h.to(dtype), *_params(linear, dtype))
 
 
-def group_norm_clips(x: Tensor, batch: int, frames: int, norm: nn.GroupNorm) -> Tensor:
+def group_norm_clips(x: Tensor, batch: int, frames: int, norm: nn.GroupNorm, split=None) -> Tensor:
     """AnimateDiff's GroupNorm of channel-first x (B·F, C, S), in x's layout.
 
     Upstream normalises the (B, C, F, H, W) permutation: statistics per (clip, group) over the
     group's channels, all frames and all pixels. Computed here as x·a + d with per-(clip,
-    channel) a = rstd·weight and d = bias - mean·a, so one pass writes the result.
+    channel) a = rstd·weight and d = bias - mean·a, so one pass writes the result. With a
+    ``split`` (``parallel.FrameSplit``), x holds this rank's frames and the statistics combine
+    every rank's: the mean of the ranks' means, then the mean of their variances plus their
+    means' squared distance to it (equal counts per rank; no E[x²] - E[x]² cancellation).
     """
     bf, c, s = x.shape
     g = norm.num_groups
     view = x.view(batch, frames, g, c // g, s)
     var, mean = torch.var_mean(view, dim=(1, 3, 4), correction=0, keepdim=True)  # (B, 1, G, 1, 1)
-    scale = torch.rsqrt(var.float() + norm.eps)
-    shift = -mean.float() * scale
+    var, mean = var.to(stats_dtype(x.dtype)), mean.to(stats_dtype(x.dtype))  # fp32, fp64 for fp64 x
+    if split is not None:
+        local = mean
+        mean = split.sum(local) / split.size
+        var = split.sum(var + (local - mean).square()) / split.size
+    scale = torch.rsqrt(var + norm.eps)
+    shift = -mean * scale
     if norm.affine:
-        weight = norm.weight.float().view(1, 1, g, c // g, 1)
+        weight = norm.weight.to(scale.dtype).view(1, 1, g, c // g, 1)
         scale = scale * weight
-        shift = shift * weight + norm.bias.float().view(1, 1, g, c // g, 1)
+        shift = shift * weight + norm.bias.to(scale.dtype).view(1, 1, g, c // g, 1)
     return torch.addcmul(shift.to(x.dtype), view, scale.to(x.dtype)).view(bf, c, s)
 
 

@@ -33,7 +33,8 @@ from typing import Optional
 
 import torch
 
-from ._common import active_dropout, bind_arguments, divided_block, drop_path_prob, original_forward, run_original
+from ._common import (active_dropout, bind_arguments, divided_block, drop_path_prob, frame_split, local_frames,
+                      original_forward, run_original)
 
 KIND = "huggingface"
 _CLASS = "TimesformerLayer"
@@ -91,6 +92,7 @@ def _fallback_reason(layer, arguments: dict, signature: inspect.Signature, hidde
     if frames < 1 or patch < 1 or image // patch < 1:
         return None, ""
     tokens = hidden.shape[1] - 1
+    frames = local_frames(layer, frames)
     width = image // patch
     height = (tokens // frames) // width
     if height < 1 or height * width * frames != tokens:
@@ -115,7 +117,8 @@ def _fused_layer(layer, hidden: torch.Tensor, backend: str):
     spatial = (layer.layernorm_before, sa.attention.qkv, sa.output.dense, sa.attention.num_heads,
                sa.attention.scale, prob)
     mlp = (layer.layernorm_after, lambda h: layer.output(layer.intermediate(h)), layer.drop_path, prob)
-    return (divided_block(hidden, layer.config.num_frames, temporal, spatial, mlp, backend),)
+    return (divided_block(hidden, local_frames(layer, layer.config.num_frames), temporal, spatial, mlp, backend,
+                          frame_split(layer)),)
 
 
 def fused_forward(module, backend: str):

@@ -1,0 +1,304 @@
+"""``tk.context_parallel``: a patched model run with each clip's frames split over the ranks of a group.
+
+Every rank of the group calls the model with the same inputs and gets the unsharded model's
+outputs; inside, rank r of P holds frames [r·T/P, (r+1)·T/P) of every clip (activations, and
+what autograd saves, are 1/P per rank) and the layers that mix frames communicate
+(``parallel.FrameSplit``):
+
+- Hugging Face TimeSformer (every ``TimesformerEncoder`` whose layers ``tk.patch`` fused): a
+  forward pre-hook on the encoder keeps the cls token and this rank's frames of the embeddings,
+  the layers run on them (spatial attention, norms and MLP need nothing from other ranks; the
+  temporal branch runs between two all-to-alls, the cls token's mean over frames is an
+  all-reduce, drop-path masks are drawn for all frames, in upstream's order, and sliced), and a
+  forward hook all-gathers ``last_hidden_state`` and every ``hidden_states`` entry.
+- diffusers ``UNetMotionModel`` (AnimateDiff, inference; the backward works too): a pre-hook
+  gives the UNet this rank's frames of ``sample`` and of the per-frame inputs (leading dim
+  B·F: ``encoder_hidden_states``, ``attention_mask``, the ControlNet residuals). Everything but
+  the motion modules treats frames as batch; each motion module takes its GroupNorm statistics
+  over all ranks and runs its transformer blocks on a pixel split (one all-to-all in, one
+  out, whatever the number of attentions). A forward hook all-gathers the output's frames.
+
+Gradients. Every rank computes the same loss from the same outputs, so autograd starts on every
+rank from the full gradient of the outputs. Call a tensor that only this rank holds (a frame
+shard, a patch shard) *sharded* and one that every rank holds (parameters, the cls token,
+inputs, gathered outputs) *replicated*. Then on every rank, always:
+
+    sharded tensor:     its gradient is P times its true gradient;
+    replicated tensor:  its gradient is this rank's part; the parts sum to P times the true one.
+
+It holds at the outputs (P equal full gradients), and every step back keeps it: an all-gather's
+backward reduce-scatters the sum (P full parts -> P times the shard's gradient); an all-reduce's
+backward is an all-reduce (sums of parts); an all-to-all's is the reverse all-to-all (a
+permutation of sharded values); a shard of a replicated tensor has a zero-padded backward (the
+P shards' parts sum to P times the whole); the layers on replicated tensors (the cls token's
+MLP, the classifier) are linear in their output's gradient, so parts stay parts. Hence each
+parameter's gradient *averaged over the group* is its true gradient:
+
+- ``reduce_grads=True``: at the end of every backward the parameter gradients that backward
+  produced are averaged over the group (bucketed all-reduces queued on autograd's final
+  callback). The average of values already equal on every rank is unchanged, so gradients
+  accumulated over several backward passes come out right without a ``no_sync``.
+- ``reduce_grads=False``: each rank keeps its own, for a data-parallel wrapper that averages over
+  every rank of a data × context mesh: ``DistributedDataParallel`` over the world group, or
+  FSDP2's ``fully_shard`` over the 2-D mesh (HSDP). Averaging P·(parts) over D·P ranks gives the
+  mean over the D data groups of their true gradients: the unsharded model's gradient on the
+  combined batch of a mean loss. Input gradients (replicated) also need averaging over the group.
+
+Drop-path in training draws its masks on every rank: the ranks' random generators must agree
+(seed them alike and draw from them alike), as the layers of one rank see only its frames.
+"""
+from __future__ import annotations
+
+import inspect
+from collections import defaultdict
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..parallel import FrameSplit
+from . import diffusers, huggingface
+from ._common import ORIGINAL_ATTR, SPLIT_ATTR
+
+STATE_ATTR = "_tk_context_parallel"  # on the model: what context_parallel installed, for tk.unpatch
+_BUCKET_BYTES = 25 * 2**20  # gradient all-reduce bucket, like DDP's default
+
+
+def context_parallel(model: nn.Module, group=None, reduce_grads: bool = True) -> nn.Module:
+    """Split each clip's frames over the ranks of ``group`` (a ProcessGroup, a 1-D DeviceMesh, or None
+    for the default group) in a model ``tk.patch`` has patched; returns ``model``.
+
+    Every rank calls the model with the same inputs and gets the unsharded outputs. With
+    ``reduce_grads`` every backward leaves each rank the unsharded model's parameter gradients;
+    without, partial gradients for DDP/FSDP2 over a data × context mesh (module docstring).
+    ``tk.unpatch(model)`` undoes this and the patch. On a group of one, the model is returned as it is.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(reduce_grads, bool):
+        raise TypeError(f"reduce_grads must be a bool, got {type(reduce_grads).__name__}")
+    if STATE_ATTR in model.__dict__:
+        raise ValueError(f"model: {type(model).__name__} is already context-parallel (tk.unpatch undoes it)")
+    roots = [(family, m) for m in model.modules() for family in _FAMILIES if family.matches(m)]
+    if not roots:
+        raise ValueError(f"model: tk.context_parallel found nothing it supports in {type(model).__name__} "
+                         "(supported: Hugging Face TimesformerModel / TimesformerForVideoClassification, "
+                         "diffusers UNetMotionModel, patched by tk.patch)")
+    for family, root in roots:
+        family.check_patched(root)
+    split = FrameSplit(group)
+    for family, root in roots:
+        family.check_frames(root, split)
+    if split.size == 1:
+        return model
+    state = _State(split)
+    for family, root in roots:
+        family.wire(root, state)
+    if reduce_grads:
+        state.average_gradients(model)
+    model.__dict__[STATE_ATTR] = state
+    return model
+
+
+def undo(model: nn.Module) -> None:
+    """Remove what ``context_parallel`` installed in ``model`` (``tk.unpatch`` calls this)."""
+    state = model.__dict__.pop(STATE_ATTR, None)
+    if state is not None:
+        state.remove()
+
+
+class _State:
+    """The hooks and attributes context_parallel installed, so that they can be removed."""
+
+    def __init__(self, split: FrameSplit):
+        self.split, self.handles, self.modules = split, [], []
+        self.params: list = []  # those whose gradients are averaged
+        self.pending: list = []  # those whose gradient this backward produced
+        self.average_queued = False
+
+    def set_split(self, module: nn.Module) -> None:
+        module.__dict__[SPLIT_ATTR] = self.split
+        self.modules.append(module)
+
+    def hook(self, root: nn.Module, pre, post) -> None:
+        """``pre(split, module, args, kwargs)`` -> (args, kwargs) before root's forward,
+        ``post(split, module, output)`` -> output after it."""
+        self.handles.append(root.register_forward_pre_hook(partial(_pre, pre, self.split), with_kwargs=True))
+        self.handles.append(root.register_forward_hook(partial(_post, post, self.split)))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        for module in self.modules:
+            module.__dict__.pop(SPLIT_ATTR, None)
+
+    # ------------------------------------------------------------------ gradients
+    def average_gradients(self, model: nn.Module) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.handles += [p.register_post_accumulate_grad_hook(self._ready) for p in self.params]
+
+    def _ready(self, param: torch.Tensor) -> None:
+        self.pending.append(param)
+        # Queued on every gradient (a backward that raised midway leaves nothing stuck); the first
+        # of these callbacks queues the averaging behind every callback queued in this backward,
+        # DDP's included, which would otherwise overwrite the averaged gradients with its own.
+        torch.autograd.Variable._execution_engine.queue_callback(self._queue_average)
+
+    def _queue_average(self) -> None:
+        if not self.average_queued:
+            self.average_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._average)
+
+    def _average(self) -> None:
+        ready = {id(p) for p in self.pending}
+        self.pending, self.average_queued = [], False
+        # in model order, the same on every rank
+        kinds = defaultdict(list)
+        for p in self.params:
+            if id(p) in ready and p.grad is not None:
+                kinds[(p.grad.dtype, p.grad.device)].append(p.grad)
+        works = []
+        for grads in kinds.values():
+            for bucket in _buckets(grads):
+                flat = torch.cat([g.reshape(-1) for g in bucket])
+                works.append((dist.all_reduce(flat, group=self.split.group, async_op=True), flat, bucket))
+        for work, flat, bucket in works:
+            work.wait()
+            flat.div_(self.split.size)
+            for g, avg in zip(bucket, flat.split([g.numel() for g in bucket])):
+                g.copy_(avg.view_as(g))
+
+
+def _buckets(grads: list):
+    bucket, size = [], 0
+    for g in grads:
+        bucket.append(g)
+        size += g.numel() * g.element_size()
+        if size >= _BUCKET_BYTES:
+            yield bucket
+            bucket, size = [], 0
+    if bucket:
+        yield bucket
+
+
+def _pre(fn, split, module, args, kwargs):
+    bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs)
+    bound.apply_defaults()
+    fn(split, module, bound.arguments)
+    return bound.args[1:], bound.kwargs
+
+
+def _post(fn, split, module, args, output):
+    return _map_tensors(output, partial(fn, split, module))
+
+
+def _map_tensors(value, fn):
+    """``value`` with every tensor in it (in tuples, lists, dicts / ModelOutputs) replaced by fn(tensor)."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    if isinstance(value, dict):
+        for key in list(value.keys()):
+            value[key] = _map_tensors(value[key], fn)
+    return value
+
+
+def _patched(module: nn.Module, family) -> bool:
+    return family.matches(module) and ORIGINAL_ATTR in module.__dict__
+
+
+def _mro_names(module: nn.Module) -> set:
+    return {cls.__name__ for cls in type(module).__mro__}
+
+
+# ---------------------------------------------------------------- Hugging Face
+class _HuggingFace:
+    """TimesformerEncoder: shard the embeddings' frames before its layers, gather after."""
+
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        return "TimesformerEncoder" in _mro_names(module) and isinstance(getattr(module, "layer", None), nn.ModuleList)
+
+    @staticmethod
+    def check_patched(encoder: nn.Module) -> None:
+        unpatched = [i for i, layer in enumerate(encoder.layer) if not _patched(layer, huggingface)]
+        if unpatched:
+            raise ValueError(f"model: layers {unpatched} of {type(encoder).__name__} are not patched by tk.patch "
+                             "(call tk.patch(model) first; only divided space-time layers can be split by frames)")
+
+    @staticmethod
+    def check_frames(encoder: nn.Module, split: FrameSplit) -> None:
+        split.local_frames(encoder.config.num_frames)
+
+    @staticmethod
+    def wire(encoder: nn.Module, state: _State) -> None:
+        for layer in encoder.layer:
+            state.set_split(layer)
+        state.hook(encoder, _HuggingFace.pre, _HuggingFace.post)
+
+    @staticmethod
+    def pre(split: FrameSplit, encoder: nn.Module, arguments: dict) -> None:
+        name = list(arguments)[1]  # hidden_states, the first argument after self
+        arguments[name] = split.shard_tokens(arguments[name], encoder.config.num_frames)
+
+    @staticmethod
+    def post(split: FrameSplit, encoder: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return split.gather_tokens(hidden, split.local_frames(encoder.config.num_frames))
+
+
+# ------------------------------------------------------------------- diffusers
+_PER_FRAME = ("encoder_hidden_states", "attention_mask", "down_block_additional_residuals",
+              "mid_block_additional_residual")
+
+
+class _UNetMotion:
+    """UNetMotionModel: its frame-local blocks on this rank's frames, motion modules across ranks."""
+
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        return "UNetMotionModel" in _mro_names(module)
+
+    @staticmethod
+    def motion_modules(unet: nn.Module) -> list:
+        return [m for m in unet.modules() if "AnimateDiffTransformer3D" in _mro_names(m)]
+
+    @staticmethod
+    def check_patched(unet: nn.Module) -> None:
+        modules = _UNetMotion.motion_modules(unet)
+        if not modules or not all(_patched(m, diffusers) for m in modules):
+            raise ValueError(f"model: the motion modules of {type(unet).__name__} are not all patched by tk.patch "
+                             "(call tk.patch(model) first)")
+
+    @staticmethod
+    def check_frames(unet: nn.Module, split: FrameSplit) -> None:
+        """The frame count comes with each call (``sample.shape[2]``): checked there."""
+
+    @staticmethod
+    def wire(unet: nn.Module, state: _State) -> None:
+        for module in _UNetMotion.motion_modules(unet):
+            state.set_split(module)
+        state.hook(unet, _UNetMotion.pre, _UNetMotion.post)
+
+    @staticmethod
+    def pre(split: FrameSplit, unet: nn.Module, arguments: dict) -> None:
+        sample = arguments["sample"]  # (B, C, F, H, W)
+        batch, frames = sample.shape[0], sample.shape[2]
+        arguments["sample"] = split.shard(sample, 2)
+
+        def per_frame(x: torch.Tensor) -> torch.Tensor:  # (B·F, ...) -> (B·F_l, ...)
+            if x.dim() == 0 or x.shape[0] != batch * frames:
+                return x
+            return split.shard(x.unflatten(0, (batch, frames)), 1).flatten(0, 1)
+
+        for name in _PER_FRAME:
+            if name in arguments:
+                arguments[name] = _map_tensors(arguments[name], per_frame)
+
+    @staticmethod
+    def post(split: FrameSplit, unet: nn.Module, sample: torch.Tensor) -> torch.Tensor:
+        return split.gather(sample, 2)
+
+
+_FAMILIES = (_HuggingFace, _UNetMotion)
