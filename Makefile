@@ -4,7 +4,7 @@ PY_H200 = $$(TK_STACK=h200 bash scripts/bootstrap.sh | tail -n 1)
 # Device-independent tests: the GPU hidden, Triton under its CPU interpreter.
 CPU_TESTS = CUDA_VISIBLE_DEVICES= $$py -m pytest tests -q -m "not gpu"
 
-.PHONY: demo test test-h200-stack gpu gpu-wheels static-report bytes-report bench-smoke
+.PHONY: demo test test-h200-stack gpu gpu-wheels static-report bytes-report bench-smoke bench-context-parallel
 
 demo:  ## swap the fused attention into a Hugging Face TimeSformer, check it matches, time it
 	py=$(PY) && $$py examples/demo.py
@@ -38,3 +38,9 @@ bytes-report:  ## count the bytes the kernels and the unfused peers move (interp
 
 bench-smoke:  ## the benchmark harness on a tiny CPU configuration
 	py=$(PY) && $$py -m benchmarks.run --smoke
+
+bench-context-parallel:  ## on a multi-GPU machine: tk.context_parallel step time and memory per rank at P = 1, 2, 4, 8 (NCCL)
+	py=$(PY) && gpus=$$($$py -c "import torch; print(torch.cuda.device_count())") && \
+	if [ $$gpus -eq 0 ]; then echo "bench-context-parallel: no CUDA device" >&2; exit 1; fi && \
+	for p in 1 2 4 8; do if [ $$p -le $$gpus ]; then $$py -m torch.distributed.run --nproc-per-node $$p \
+		-m benchmarks.context_parallel || exit 1; fi; done

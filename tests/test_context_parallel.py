@@ -6,7 +6,9 @@ unpatched) run here on the whole clip:
 
 - Hugging Face TimeSformer in training with drop-path (fp64, the torch backend; fp32 with the
   Triton kernels under the interpreter): logits, every hidden state and every parameter gradient
-  (two backward passes accumulated), and TimesformerModel's tuple outputs in eval;
+  (two backward passes accumulated), with gradient checkpointing too, and TimesformerModel's
+  tuple outputs in eval;
+- blocks of the official structure (tests/official_block.py) in training: output and gradients;
 - AnimateDiff's UNetMotionModel: the output and every parameter gradient;
 - the relayouts of ``parallel.FrameSplit`` against the layout its docstring states;
 - what autograd saves per rank against the unsharded model (<= 0.6x at P = 2);
@@ -23,6 +25,7 @@ import os
 import pickle
 import socket
 import traceback
+import warnings
 
 import pytest
 import torch
@@ -34,6 +37,8 @@ import timesformer_kernels as tk
 from timesformer_kernels import parallel
 from timesformer_kernels.integrations import _common
 from timesformer_kernels.integrations.context_parallel import STATE_ATTR
+
+from official_block import TinyTimeSformer
 
 transformers = pytest.importorskip("transformers")
 from transformers import TimesformerConfig, TimesformerForVideoClassification, TimesformerModel  # noqa: E402
@@ -121,6 +126,20 @@ def hf_eval(model):
     return {"last": last, "hidden": list(hidden)}
 
 
+def official_model():
+    torch.manual_seed(0)
+    return perturbed(TinyTimeSformer(dim=DIM, depth=2, num_heads=HEADS, drop_path_rate=0.3), torch.float64).train()
+
+
+def official_run(model):
+    """The official block structure on tokens (B, 1 + N·T, D), W = 3 patches a row, drop-path on."""
+    tokens = torch.randn(BATCH, 1 + 6 * FRAMES, DIM, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    torch.manual_seed(123)
+    out = model(tokens, FRAMES, 3)
+    weighted(out).backward()
+    return {"out": out.detach(), "grads": grads(model)}
+
+
 def unet_inputs():
     g = torch.Generator().manual_seed(1)
     sample = torch.randn(BATCH, 4, UNET_FRAMES, 4, 4, generator=g, dtype=torch.float64)
@@ -143,6 +162,29 @@ def case_hf_train(rank):
     return hf_train(cp(hf_model().train()))
 
 
+def checkpointed(model):
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        enable()
+    return model
+
+
+def case_hf_checkpointing(rank):
+    """Gradient checkpointing: the layers (and their collectives) recomputed in the backward."""
+    calls, inner = [], _common.temporal_residual
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    _common.temporal_residual = counting
+    try:
+        return {**hf_train(cp(checkpointed(hf_model().train()))), "temporal branches": len(calls)}
+    finally:
+        _common.temporal_residual = inner
+
+
 def case_hf_triton(rank):
     """The Triton kernels (interpreter), fp32, one training step."""
     model = cp(hf_model(dtype=torch.float32).train(), backend="triton")
@@ -154,6 +196,10 @@ def case_hf_triton(rank):
 
 def case_hf_eval(rank):
     return hf_eval(cp(hf_model(TimesformerModel)))
+
+
+def case_official(rank):
+    return official_run(cp(official_model()))
 
 
 def case_unet(rank):
@@ -286,9 +332,9 @@ def case_compose(rank):
     return results
 
 
-CASES = {2: (case_hf_train, case_hf_triton, case_hf_eval, case_unet, case_split, case_saved, case_sent,
-             case_compile, case_bench),
-         4: (case_hf_train, case_unet, case_split, case_sent, case_compose)}
+CASES = {2: (case_hf_train, case_hf_checkpointing, case_hf_triton, case_hf_eval, case_official, case_unet, case_split, case_saved,
+             case_sent, case_compile, case_bench),
+         4: (case_hf_train, case_official, case_unet, case_split, case_sent, case_compose)}
 
 
 def _worker(rank, world, port, out_dir):
@@ -362,6 +408,13 @@ def test_hf_training_matches_upstream(ranks):
         assert_close_tree(result, want, F64)
 
 
+def test_hf_gradient_checkpointing(ranks2):
+    want = hf_train(checkpointed(hf_model().train()))
+    for result in results_of(ranks2, case_hf_checkpointing):
+        assert result.pop("temporal branches") == 8  # 2 layers, 2 clips, each recomputed in the backward
+        assert_close_tree(result, want, F64)
+
+
 def test_hf_triton_kernels(ranks2):
     model = hf_model(dtype=torch.float32).train()
     torch.manual_seed(123)
@@ -374,6 +427,13 @@ def test_hf_triton_kernels(ranks2):
 def test_hf_model_tuple_outputs(ranks2):
     want = hf_eval(hf_model(TimesformerModel))
     for result in results_of(ranks2, case_hf_eval):
+        assert_close_tree(result, want, F64)
+
+
+def test_official_structure(ranks):
+    """Blocks of the official structure in training with drop-path, fp64: output and gradients."""
+    want = official_run(official_model())
+    for result in results_of(ranks, case_official):
         assert_close_tree(result, want, F64)
 
 
@@ -453,6 +513,8 @@ def fake_world():
 def test_not_patched():
     with pytest.raises(ValueError, match=r"model: layers \[0, 1\] of TimesformerEncoder are not patched"):
         tk.context_parallel(hf_model())
+    with pytest.raises(ValueError, match=r"model: blocks \[0, 1\] of TinyTimeSformer are not patched"):
+        tk.context_parallel(official_model())
     with pytest.raises(ValueError, match="found nothing it supports in Sequential"):
         tk.context_parallel(nn.Sequential(nn.Linear(2, 2)))
 

@@ -11,6 +11,9 @@ what autograd saves, are 1/P per rank) and the layers that mix frames communicat
   temporal branch runs between two all-to-alls, the cls token's mean over frames is an
   all-reduce, drop-path masks are drawn for all frames, in upstream's order, and sliced), and a
   forward hook all-gathers ``last_hidden_state`` and every ``hidden_states`` entry.
+- The official TimeSformer structure (any module holding ``blocks`` of official-structure
+  blocks, ``forward(x, B, T, W)``): the same layers; hooks on the first block (this rank's frames
+  in) and the last (all frames out).
 - diffusers ``UNetMotionModel`` (AnimateDiff, inference; the backward works too): a pre-hook
   gives the UNet this rank's frames of ``sample`` and of the per-frame inputs (leading dim
   B·F: ``encoder_hidden_states``, ``attention_mask``, the ControlNet residuals). Everything but
@@ -58,7 +61,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..parallel import FrameSplit
-from . import diffusers, huggingface
+from . import diffusers, huggingface, official
 from ._common import ORIGINAL_ATTR, SPLIT_ATTR
 
 STATE_ATTR = "_tk_context_parallel"  # on the model: what context_parallel installed, for tk.unpatch
@@ -83,8 +86,9 @@ def context_parallel(model: nn.Module, group=None, reduce_grads: bool = True) ->
     roots = [(family, m) for m in model.modules() for family in _FAMILIES if family.matches(m)]
     if not roots:
         raise ValueError(f"model: tk.context_parallel found nothing it supports in {type(model).__name__} "
-                         "(supported: Hugging Face TimesformerModel / TimesformerForVideoClassification, "
-                         "diffusers UNetMotionModel, patched by tk.patch)")
+                         "(supported: Hugging Face TimesformerModel / TimesformerForVideoClassification, the "
+                         "official TimeSformer's blocks, diffusers UNetMotionModel, patched by tk.patch; not "
+                         "mmaction2 or lucidrains)")
     for family, root in roots:
         family.check_patched(root)
     split = FrameSplit(group)
@@ -117,15 +121,18 @@ class _State:
         self.pending: list = []  # those whose gradient this backward produced
         self.average_queued = False
 
-    def set_split(self, module: nn.Module) -> None:
-        module.__dict__[SPLIT_ATTR] = self.split
-        self.modules.append(module)
+    def set_split(self, modules) -> None:
+        """The fused forwards of ``modules`` run on this rank's frames from now on."""
+        for module in modules:
+            module.__dict__[SPLIT_ATTR] = self.split
+            self.modules.append(module)
 
-    def hook(self, root: nn.Module, pre, post) -> None:
-        """``pre(split, module, args, kwargs)`` -> (args, kwargs) before root's forward,
-        ``post(split, module, output)`` -> output after it."""
-        self.handles.append(root.register_forward_pre_hook(partial(_pre, pre, self.split), with_kwargs=True))
-        self.handles.append(root.register_forward_hook(partial(_post, post, self.split)))
+    def hook(self, first: nn.Module, pre, last: nn.Module, post) -> None:
+        """``pre(split, first, arguments)`` edits the bound arguments of ``first``'s forward before it
+        runs (this rank's frames in), ``post(split, last, arguments, tensor)`` maps every tensor
+        ``last`` returns (all frames out)."""
+        self.handles.append(first.register_forward_pre_hook(partial(_pre, pre, self.split), with_kwargs=True))
+        self.handles.append(last.register_forward_hook(partial(_post, post, self.split), with_kwargs=True))
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -182,15 +189,20 @@ def _buckets(grads: list):
         yield bucket
 
 
-def _pre(fn, split, module, args, kwargs):
+def _bound(module, args, kwargs) -> inspect.BoundArguments:
     bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs)
     bound.apply_defaults()
+    return bound
+
+
+def _pre(fn, split, module, args, kwargs):
+    bound = _bound(module, args, kwargs)
     fn(split, module, bound.arguments)
     return bound.args[1:], bound.kwargs
 
 
-def _post(fn, split, module, args, output):
-    return _map_tensors(output, partial(fn, split, module))
+def _post(fn, split, module, args, kwargs, output):
+    return _map_tensors(output, partial(fn, split, module, _bound(module, args, kwargs).arguments))
 
 
 def _map_tensors(value, fn):
@@ -205,8 +217,13 @@ def _map_tensors(value, fn):
     return value
 
 
-def _patched(module: nn.Module, family) -> bool:
-    return family.matches(module) and ORIGINAL_ATTR in module.__dict__
+def _require_patched(root: nn.Module, layers, family, what: str) -> None:
+    """ValueError naming the ``layers`` of ``root`` that tk.patch did not fuse with ``family``."""
+    unpatched = [i for i, layer in enumerate(layers) if not (family.matches(layer) and ORIGINAL_ATTR in layer.__dict__)]
+    if unpatched or not layers:
+        which = f"{what} {unpatched}" if unpatched else f"the {what}"
+        raise ValueError(f"model: {which} of {type(root).__name__} are not patched by tk.patch (call tk.patch(model) "
+                         "first)")
 
 
 def _mro_names(module: nn.Module) -> set:
@@ -223,10 +240,7 @@ class _HuggingFace:
 
     @staticmethod
     def check_patched(encoder: nn.Module) -> None:
-        unpatched = [i for i, layer in enumerate(encoder.layer) if not _patched(layer, huggingface)]
-        if unpatched:
-            raise ValueError(f"model: layers {unpatched} of {type(encoder).__name__} are not patched by tk.patch "
-                             "(call tk.patch(model) first; only divided space-time layers can be split by frames)")
+        _require_patched(encoder, encoder.layer, huggingface, "layers")
 
     @staticmethod
     def check_frames(encoder: nn.Module, split: FrameSplit) -> None:
@@ -234,9 +248,8 @@ class _HuggingFace:
 
     @staticmethod
     def wire(encoder: nn.Module, state: _State) -> None:
-        for layer in encoder.layer:
-            state.set_split(layer)
-        state.hook(encoder, _HuggingFace.pre, _HuggingFace.post)
+        state.set_split(encoder.layer)
+        state.hook(encoder, _HuggingFace.pre, encoder, _HuggingFace.post)
 
     @staticmethod
     def pre(split: FrameSplit, encoder: nn.Module, arguments: dict) -> None:
@@ -244,8 +257,42 @@ class _HuggingFace:
         arguments[name] = split.shard_tokens(arguments[name], encoder.config.num_frames)
 
     @staticmethod
-    def post(split: FrameSplit, encoder: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    def post(split: FrameSplit, encoder: nn.Module, arguments: dict, hidden: torch.Tensor) -> torch.Tensor:
         return split.gather_tokens(hidden, split.local_frames(encoder.config.num_frames))
+
+
+# -------------------------------------------------------------------- official
+class _Official:
+    """A module holding its ``blocks`` (official TimeSformer ``VisionTransformer`` and copies): the
+    first block gets this rank's frames, the last one's output is gathered. The blocks take
+    ``forward(x, B, T, W)`` with the whole clip's T; the fused forward uses T/P."""
+
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        blocks = getattr(module, "blocks", None)
+        return isinstance(blocks, nn.ModuleList) and len(blocks) > 0 and all(official.matches(b) for b in blocks)
+
+    @staticmethod
+    def check_patched(owner: nn.Module) -> None:
+        _require_patched(owner, owner.blocks, official, "blocks")
+
+    @staticmethod
+    def check_frames(owner: nn.Module, split: FrameSplit) -> None:
+        """The frame count T comes with each call: checked there."""
+
+    @staticmethod
+    def wire(owner: nn.Module, state: _State) -> None:
+        state.set_split(owner.blocks)
+        state.hook(owner.blocks[0], _Official.pre, owner.blocks[-1], _Official.post)
+
+    @staticmethod
+    def pre(split: FrameSplit, block: nn.Module, arguments: dict) -> None:
+        x, frames = list(arguments)[1], list(arguments)[3]  # forward(self, x, B, T, W)
+        arguments[x] = split.shard_tokens(arguments[x], int(arguments[frames]))
+
+    @staticmethod
+    def post(split: FrameSplit, block: nn.Module, arguments: dict, x: torch.Tensor) -> torch.Tensor:
+        return split.gather_tokens(x, split.local_frames(int(list(arguments.values())[3])))
 
 
 # ------------------------------------------------------------------- diffusers
@@ -266,10 +313,7 @@ class _UNetMotion:
 
     @staticmethod
     def check_patched(unet: nn.Module) -> None:
-        modules = _UNetMotion.motion_modules(unet)
-        if not modules or not all(_patched(m, diffusers) for m in modules):
-            raise ValueError(f"model: the motion modules of {type(unet).__name__} are not all patched by tk.patch "
-                             "(call tk.patch(model) first)")
+        _require_patched(unet, _UNetMotion.motion_modules(unet), diffusers, "motion modules")
 
     @staticmethod
     def check_frames(unet: nn.Module, split: FrameSplit) -> None:
@@ -277,9 +321,8 @@ class _UNetMotion:
 
     @staticmethod
     def wire(unet: nn.Module, state: _State) -> None:
-        for module in _UNetMotion.motion_modules(unet):
-            state.set_split(module)
-        state.hook(unet, _UNetMotion.pre, _UNetMotion.post)
+        state.set_split(_UNetMotion.motion_modules(unet))
+        state.hook(unet, _UNetMotion.pre, unet, _UNetMotion.post)
 
     @staticmethod
     def pre(split: FrameSplit, unet: nn.Module, arguments: dict) -> None:
@@ -297,8 +340,8 @@ class _UNetMotion:
                 arguments[name] = _map_tensors(arguments[name], per_frame)
 
     @staticmethod
-    def post(split: FrameSplit, unet: nn.Module, sample: torch.Tensor) -> torch.Tensor:
+    def post(split: FrameSplit, unet: nn.Module, arguments: dict, sample: torch.Tensor) -> torch.Tensor:
         return split.gather(sample, 2)
 
 
-_FAMILIES = (_HuggingFace, _UNetMotion)
+_FAMILIES = (_HuggingFace, _Official, _UNetMotion)

@@ -31,7 +31,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._common import active_dropout, bind_arguments, divided_block, drop_path_prob, original_forward, run_original
+from ._common import (active_dropout, bind_arguments, divided_block, drop_path_prob, frame_split, local_frames,
+                      original_forward, run_original)
 
 KIND = "official"
 
@@ -86,6 +87,7 @@ def _fallback_reason(block, x, batch, frames, width) -> tuple[Optional[str], Opt
         return None, ""
     if frames < 1 or width < 1 or x.shape[0] != batch:
         return None, ""
+    frames = local_frames(block, frames)
     tokens = x.shape[1] - 1
     height = (tokens // frames) // width
     if height < 1 or height * width * frames != tokens:
@@ -117,6 +119,7 @@ def fused_forward(module, backend: str):
         ta, sa = self.temporal_attn, self.attn
         temporal = (self.temporal_norm1, ta.qkv, ta.proj, self.temporal_fc, ta.num_heads, ta.scale, prob)
         spatial = (self.norm1, sa.qkv, sa.proj, sa.num_heads, sa.scale, prob)
-        return divided_block(x, int(frames), temporal, spatial, (self.norm2, self.mlp, self.drop_path, prob), backend)
+        return divided_block(x, local_frames(self, int(frames)), temporal, spatial,
+                             (self.norm2, self.mlp, self.drop_path, prob), backend, frame_split(self))
 
     return forward
