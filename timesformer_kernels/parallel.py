@@ -3,7 +3,7 @@
 Rank r of P holds frames [r·T/P, (r+1)·T/P) of every clip, T_l = T/P of them (the *frame
 split*). Spatial attention and every per-token layer need nothing from other ranks there. An
 op over all frames of a patch (temporal attention) needs a *patch split*, where rank r holds all
-T frames of its patch positions n ∈ [n_r, n_{r+1}) (N_r of them; N need not divide P). One
+T frames of its patch positions n ∈ [n_r, n_{r+1}) (N_r of them; P need not divide N). One
 all-to-all moves tokens from one split to the other::
 
     frame split, (B, N·T_l, C) in token order, viewed (T_l, B, N, C) whatever the order
@@ -41,6 +41,7 @@ def resolve_group(group):
             raise ValueError("group: None means the default process group, but torch.distributed is not "
                              "initialized (call torch.distributed.init_process_group first)")
         return dist.group.WORLD
+    # a DeviceMesh exists only once its module is imported: no need to import it here
     mesh_type = getattr(getattr(dist, "device_mesh", None), "DeviceMesh", None)
     if mesh_type is not None and isinstance(group, mesh_type):
         if group.ndim != 1:
@@ -51,13 +52,6 @@ def resolve_group(group):
         raise TypeError(f"group must be a torch.distributed ProcessGroup, a 1-D DeviceMesh or None, "
                         f"got {type(group).__name__}")
     return group
-
-
-def _frames_view(x: Tensor, batch: int, patches: int, frames: int, token_order: str) -> Tensor:
-    """(B, N·T, C) tokens in ``token_order`` as a (T, B, N, C) view."""
-    if token_order == "space_major":
-        return x.view(batch, patches, frames, x.shape[-1]).permute(2, 0, 1, 3)
-    return x.view(batch, frames, patches, x.shape[-1]).transpose(0, 1)
 
 
 class FrameSplit:
@@ -126,10 +120,9 @@ class FrameSplit:
     def to_patch_split(self, x: Tensor, frames: int, token_order: str) -> Tensor:
         """This rank's T_l = ``frames`` frames of (B, N·T_l, C) tokens in ``token_order`` ->
         (1, T·B·N_r, C): all T frames of its N_r patch positions, time-major (module docstring)."""
-        b, length, c = x.shape
-        patches = _patches(length, frames, "x")
+        src = _frames_view(x, frames, token_order)
+        _, b, patches, c = src.shape
         counts = self.patch_counts(patches)
-        src = _frames_view(x, b, patches, frames, token_order)
         send = x.new_empty(frames * b * patches, c)
         for s, (start, stop) in enumerate(_ranges(counts)):
             # each block's view taken after the previous copy: autograd rejects an in-place write
@@ -150,7 +143,7 @@ class FrameSplit:
         recv = self._all_to_all(y.reshape(-1, c), [frames * batch * n for n in counts],
                                 [frames * batch * counts[self.rank]] * self.size)
         out = y.new_empty(batch, patches * frames, c)
-        dst = _frames_view(out, batch, patches, frames, token_order)
+        dst = _frames_view(out, frames, token_order)
         for s, (start, stop) in enumerate(_ranges(counts)):
             dst[:, :, start:stop].copy_(_block(recv, s, frames, batch, counts))
         return out
@@ -184,14 +177,16 @@ def _token_grid(x: Tensor, frames: int, token_order: str) -> tuple[Tensor, int]:
     """(B, N·T, C) patch tokens as a (B, N, T, C) or (B, T, N, C) view, and its frame dim."""
     if token_order not in TOKEN_ORDERS:
         raise ValueError(f"token_order must be one of {TOKEN_ORDERS}, got {token_order!r}")
-    patches = _patches(x.shape[1], frames, "x")
+    tokens = x.shape[1]
+    if tokens % frames or tokens == 0:
+        raise ValueError(f"x has {tokens} patch tokens, not a positive multiple of its {frames} frames")
+    patches = tokens // frames
     if token_order == "space_major":
         return x.unflatten(1, (patches, frames)), 2
     return x.unflatten(1, (frames, patches)), 1
 
 
-def _patches(tokens: int, frames: int, name: str) -> int:
-    """N for ``tokens`` = N·``frames`` patch tokens, or ValueError naming ``name``."""
-    if tokens % frames or tokens == 0:
-        raise ValueError(f"{name} has {tokens} patch tokens, not a positive multiple of its {frames} frames")
-    return tokens // frames
+def _frames_view(x: Tensor, frames: int, token_order: str) -> Tensor:
+    """(B, N·T, C) patch tokens in ``token_order`` as a (T, B, N, C) view."""
+    grid, dim = _token_grid(x, frames, token_order)
+    return grid.permute(2, 0, 1, 3) if dim == 2 else grid.transpose(0, 1)
