@@ -33,17 +33,37 @@ from typing import Optional
 
 import torch
 
-from ._common import active_dropout, bind_arguments, divided_block, drop_path_prob, original_forward, run_original
+from ._common import active_dropout, bind_arguments, divided_block, drop_path_prob, hooks_reason, signature_of
 
 KIND = "huggingface"
+CPU_AUTO_RUNS_ORIGINAL = False  # measured faster fused on the CPU too (README, "CPU")
 _CLASS = "TimesformerLayer"
 _PARTS = ("temporal_layernorm", "temporal_attention", "temporal_dense", "layernorm_before", "attention",
           "layernorm_after", "intermediate", "output", "drop_path", "config")
+# The submodules whose forward the fused path replaces: (class whose forward they run, attributes it reads).
+_ATTENTION = ("TimeSformerAttention", ("attention", "output"))
+_SELF_ATTENTION = ("TimesformerSelfAttention", ("qkv", "num_heads", "scale", "attn_drop"))
+_SELF_OUTPUT = ("TimesformerSelfOutput", ("dense", "dropout"))
 
 
 def _attention_type(module) -> Optional[str]:
     config = getattr(module, "config", None)
     return getattr(module, "attention_type", getattr(config, "attention_type", None))
+
+
+def _forward_class(module) -> Optional[str]:
+    """Name of the class whose ``forward`` the module runs (its own or inherited)."""
+    return next((cls.__name__ for cls in type(module).__mro__ if "forward" in cls.__dict__), None)
+
+
+def _is(module, spec) -> bool:
+    name, attributes = spec
+    return _forward_class(module) == name and all(hasattr(module, a) for a in attributes)
+
+
+def _attention_ok(attention) -> bool:
+    return (_is(attention, _ATTENTION) and _is(attention.attention, _SELF_ATTENTION)
+            and _is(attention.output, _SELF_OUTPUT))
 
 
 def matches(module) -> bool:
@@ -53,8 +73,18 @@ def matches(module) -> bool:
         return False
     if getattr(getattr(module, "config", None), "attention_type", "divided_space_time") != "divided_space_time":
         return False
-    return all(hasattr(module, part) for part in _PARTS)
+    if signature_of(type(module).forward) is None or not all(hasattr(module, part) for part in _PARTS):
+        return False
+    return _attention_ok(module.temporal_attention) and _attention_ok(module.attention)
 
+
+def unsupported(layer):
+    """Hooks on the submodules the fused path does not call (it calls the Linears and norms)."""
+    ta, sa = layer.temporal_attention, layer.attention
+    return hooks_reason(KIND, (("temporal_attention", ta), ("temporal_attention.attention", ta.attention),
+                               ("temporal_attention.output", ta.output), ("attention", sa),
+                               ("attention.attention", sa.attention), ("attention.output", sa.output),
+                               ("drop_path", layer.drop_path)))
 
 def _fallback_reason(layer, arguments: dict, signature: inspect.Signature, hidden_name: str):
     """(key, message) of a warned fallback, (None, "") for a silent one (the original raises
@@ -118,21 +148,21 @@ def _fused_layer(layer, hidden: torch.Tensor, backend: str):
     return (divided_block(hidden, layer.config.num_frames, temporal, spatial, mlp, backend),)
 
 
-def fused_forward(module, backend: str):
-    signature = inspect.signature(type(module).forward)  # follows functools.wraps to the layer's own
+def forward(fused, args: tuple, kwargs: dict):
+    layer = fused.module
+    signature = signature_of(type(layer).forward)  # follows functools.wraps to the layer's own
     hidden_name = list(signature.parameters)[1]
-
-    def forward(self, *args, **kwargs):
-        arguments = bind_arguments(signature, self, args, kwargs)
-        if arguments is None:
-            return original_forward(self)(*args, **kwargs)  # raises the original's own error
-        key, message = _fallback_reason(self, arguments, signature, hidden_name)
-        if message is not None:
-            return run_original(self, key, message, args, kwargs)
-        hidden = arguments[hidden_name]
-        # Mirror GradientCheckpointingLayer: the class forward it wraps is bypassed by patching.
-        if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
-            return self._gradient_checkpointing_func(functools.partial(_fused_layer, self, backend=backend), hidden)
-        return _fused_layer(self, hidden, backend)
-
-    return forward
+    arguments = bind_arguments(signature, layer, args, kwargs)
+    if arguments is None:
+        return fused.original()(*args, **kwargs)  # raises the original's own error
+    key, message = _fallback_reason(layer, arguments, signature, hidden_name)
+    if message is not None:
+        return fused.run_original(key, message, args, kwargs)
+    hidden = arguments[hidden_name]
+    if fused.runs_original_on_cpu(hidden):
+        return fused.original()(*args, **kwargs)
+    backend = fused.backend
+    # Mirror GradientCheckpointingLayer: the class forward it wraps is bypassed by patching.
+    if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+        return layer._gradient_checkpointing_func(functools.partial(_fused_layer, layer, backend=backend), hidden)
+    return _fused_layer(layer, hidden, backend)

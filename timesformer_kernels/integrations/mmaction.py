@@ -37,9 +37,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import spatial_attention, temporal_attention
-from ._common import run_original
+from ._common import bind_arguments, hooks_reason, signature_of
 
 KIND = "mmaction"
+CPU_AUTO_RUNS_ORIGINAL = False  # see the README, "CPU"
 TEMPORAL = "DividedTemporalAttentionWithNorm"
 SPATIAL = "DividedSpatialAttentionWithNorm"
 
@@ -48,7 +49,10 @@ def matches(module: nn.Module) -> bool:
     name = type(module).__name__
     if name not in (TEMPORAL, SPATIAL):
         return False
-    if not isinstance(getattr(module, "attn", None), nn.MultiheadAttention):
+    attn = getattr(module, "attn", None)  # read as weights: nn.MultiheadAttention's own maths only
+    if not isinstance(attn, nn.MultiheadAttention) or type(attn).forward is not nn.MultiheadAttention.forward:
+        return False
+    if signature_of(type(module).forward) is None:
         return False
     if not all(isinstance(getattr(module, a, None), nn.Module) for a in ("norm", "proj_drop", "dropout_layer")):
         return False
@@ -185,15 +189,27 @@ def _spatial_fused(self: nn.Module, query: Tensor, backend: str) -> Tensor:
 
 
 # ------------------------------------------------------------------------- forward
-def fused_forward(module: nn.Module, backend: str):
-    fused = _temporal_fused if type(module).__name__ == TEMPORAL else _spatial_fused
+def unsupported(module: nn.Module):
+    """Hooks on the submodules the fused path does not call: the attention (its projections are
+    read as weights) and, in the spatial module, the dropouts whose masks it draws itself."""
+    bypassed = [("attn", module.attn), ("attn.out_proj", module.attn.out_proj)]
+    if type(module).__name__ == SPATIAL:
+        bypassed += [("proj_drop", module.proj_drop), ("dropout_layer", module.dropout_layer)]
+    return hooks_reason(KIND, bypassed)
 
-    def forward(self, query, key=None, value=None, residual=None, **kwargs):
-        # key, value and the keyword arguments (query_pos, attn_mask, ...) are ignored by the
-        # original too: it always attends query to itself.
-        reason = _unsupported(self, query, residual)
-        if reason is not None:
-            return run_original(self, *reason, (query, key, value, residual), kwargs)
-        return fused(self, query, backend)
 
-    return forward
+def forward(fused, args: tuple, kwargs: dict):
+    # key, value and the keyword arguments (query_pos, attn_mask, ...) are ignored by the
+    # original too: it always attends query to itself.
+    module = fused.module
+    arguments = bind_arguments(signature_of(type(module).forward), module, args, kwargs)
+    if arguments is None:
+        return fused.original()(*args, **kwargs)  # raises the original's own error
+    query, residual = arguments.get("query"), arguments.get("residual")
+    reason = _unsupported(module, query, residual)
+    if reason is not None:
+        return fused.run_original(*reason, args, kwargs)
+    if fused.runs_original_on_cpu(query):
+        return fused.original()(*args, **kwargs)
+    fused_fn = _temporal_fused if type(module).__name__ == TEMPORAL else _spatial_fused
+    return fused_fn(module, query, fused.backend)

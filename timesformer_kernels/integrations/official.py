@@ -31,9 +31,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._common import active_dropout, bind_arguments, divided_block, drop_path_prob, original_forward, run_original
+from ._common import active_dropout, bind_arguments, divided_block, drop_path_prob, hooks_reason, signature_of
 
 KIND = "official"
+CPU_AUTO_RUNS_ORIGINAL = False  # the same fused block as Hugging Face's (README, "CPU")
 
 _BLOCK_PARTS = ("temporal_norm1", "temporal_attn", "temporal_fc", "norm1", "attn", "norm2", "mlp", "drop_path")
 _ATTN_PARAMS = {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias"}
@@ -42,9 +43,8 @@ _ATTN_PARAMS = {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias"}
 # ------------------------------------------------------------------------- the swap-in
 def _signature(module: nn.Module) -> Optional[inspect.Signature]:
     """The class forward's signature when it is ``forward(self, x, B, T, W)``-shaped, else None."""
-    try:
-        signature = inspect.signature(type(module).forward)
-    except (TypeError, ValueError):
+    signature = signature_of(type(module).forward)
+    if signature is None:
         return None
     params = list(signature.parameters.values())
     if len(params) != 5 or any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params):
@@ -102,21 +102,26 @@ def _fallback_reason(block, x, batch, frames, width) -> tuple[Optional[str], Opt
     return None, None
 
 
-def fused_forward(module, backend: str):
-    signature = _signature(module)
+def unsupported(block):
+    """Hooks on the submodules the fused path does not call (it calls qkv, proj, norms, mlp)."""
+    return hooks_reason(KIND, (("temporal_attn", block.temporal_attn), ("attn", block.attn),
+                               ("drop_path", block.drop_path)))
 
-    def forward(self, *args, **kwargs):
-        arguments = bind_arguments(signature, self, args, kwargs)
-        if arguments is None:
-            return original_forward(self)(*args, **kwargs)  # raises the original's own error
-        _, x, batch, frames, width = arguments.values()
-        key, message = _fallback_reason(self, x, batch, frames, width)
-        if message is not None:
-            return run_original(self, key, message, args, kwargs)
-        prob = drop_path_prob(self.drop_path)
-        ta, sa = self.temporal_attn, self.attn
-        temporal = (self.temporal_norm1, ta.qkv, ta.proj, self.temporal_fc, ta.num_heads, ta.scale, prob)
-        spatial = (self.norm1, sa.qkv, sa.proj, sa.num_heads, sa.scale, prob)
-        return divided_block(x, int(frames), temporal, spatial, (self.norm2, self.mlp, self.drop_path, prob), backend)
 
-    return forward
+def forward(fused, args: tuple, kwargs: dict):
+    block = fused.module
+    arguments = bind_arguments(_signature(block), block, args, kwargs)
+    if arguments is None:
+        return fused.original()(*args, **kwargs)  # raises the original's own error
+    _, x, batch, frames, width = arguments.values()
+    key, message = _fallback_reason(block, x, batch, frames, width)
+    if message is not None:
+        return fused.run_original(key, message, args, kwargs)
+    if fused.runs_original_on_cpu(x):
+        return fused.original()(*args, **kwargs)
+    prob = drop_path_prob(block.drop_path)
+    ta, sa = block.temporal_attn, block.attn
+    temporal = (block.temporal_norm1, ta.qkv, ta.proj, block.temporal_fc, ta.num_heads, ta.scale, prob)
+    spatial = (block.norm1, sa.qkv, sa.proj, sa.num_heads, sa.scale, prob)
+    return divided_block(x, int(frames), temporal, spatial, (block.norm2, block.mlp, block.drop_path, prob),
+                         fused.backend)
