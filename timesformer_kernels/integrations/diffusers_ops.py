@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..layout import stats_dtype
 from ..ops import temporal_attention
 
 # diffusers' processors whose maths the fused path reproduces (class name -> uses to_qkv).
@@ -133,12 +134,13 @@ def group_norm_clips(x: Tensor, batch: int, frames: int, norm: nn.GroupNorm) -> 
     g = norm.num_groups
     view = x.view(batch, frames, g, c // g, s)
     var, mean = torch.var_mean(view, dim=(1, 3, 4), correction=0, keepdim=True)  # (B, 1, G, 1, 1)
-    scale = torch.rsqrt(var.float() + norm.eps)
-    shift = -mean.float() * scale
+    dtype = stats_dtype(x.dtype)  # fp32 statistics, fp64 for fp64 inputs
+    scale = torch.rsqrt(var.to(dtype) + norm.eps)
+    shift = -mean.to(dtype) * scale
     if norm.affine:
-        weight = norm.weight.float().view(1, 1, g, c // g, 1)
+        weight = norm.weight.to(dtype).view(1, 1, g, c // g, 1)
         scale = scale * weight
-        shift = shift * weight + norm.bias.float().view(1, 1, g, c // g, 1)
+        shift = shift * weight + norm.bias.to(dtype).view(1, 1, g, c // g, 1)
     return torch.addcmul(shift.to(x.dtype), view, scale.to(x.dtype)).view(bf, c, s)
 
 

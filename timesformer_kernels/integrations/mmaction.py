@@ -49,10 +49,7 @@ def matches(module: nn.Module) -> bool:
     name = type(module).__name__
     if name not in (TEMPORAL, SPATIAL):
         return False
-    attn = getattr(module, "attn", None)  # read as weights: nn.MultiheadAttention's own maths only
-    if not isinstance(attn, nn.MultiheadAttention) or type(attn).forward is not nn.MultiheadAttention.forward:
-        return False
-    if signature_of(type(module).forward) is None:
+    if not isinstance(getattr(module, "attn", None), nn.Module) or signature_of(type(module).forward) is None:
         return False
     if not all(isinstance(getattr(module, a, None), nn.Module) for a in ("norm", "proj_drop", "dropout_layer")):
         return False
@@ -190,8 +187,16 @@ def _spatial_fused(self: nn.Module, query: Tensor, backend: str) -> Tensor:
 
 # ------------------------------------------------------------------------- forward
 def unsupported(module: nn.Module):
-    """Hooks on the submodules the fused path does not call: the attention (its projections are
-    read as weights) and, in the spatial module, the dropouts whose masks it draws itself."""
+    """An attention that is not nn.MultiheadAttention's own maths (the fused path reads its
+    projections as weights: a peft/LoRA wrapper, a subclass), or hooks on the submodules the
+    fused path does not call: the attention and, in the spatial module, the dropouts whose
+    masks it draws itself."""
+    attn = module.attn
+    if not isinstance(attn, nn.MultiheadAttention) or type(attn).forward is not nn.MultiheadAttention.forward:
+        return (f"mmaction.attn.{type(attn).__name__}",
+                f"timesformer_kernels: {type(module).__name__} with attention {type(attn).__name__} (fused: "
+                "nn.MultiheadAttention, whose projections it reads; peft/LoRA wrappers are not): running the original "
+                "forward")
     bypassed = [("attn", module.attn), ("attn.out_proj", module.attn.out_proj)]
     if type(module).__name__ == SPATIAL:
         bypassed += [("proj_drop", module.proj_drop), ("dropout_layer", module.dropout_layer)]

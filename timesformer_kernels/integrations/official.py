@@ -37,7 +37,7 @@ KIND = "official"
 CPU_AUTO_RUNS_ORIGINAL = False  # the same fused block as Hugging Face's (README, "CPU")
 
 _BLOCK_PARTS = ("temporal_norm1", "temporal_attn", "temporal_fc", "norm1", "attn", "norm2", "mlp", "drop_path")
-_ATTN_PARAMS = {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias"}
+_ATTN_PARTS = {"qkv", "proj"}  # called as modules: a peft/LoRA-wrapped qkv or proj is fine
 
 
 # ------------------------------------------------------------------------- the swap-in
@@ -61,7 +61,7 @@ def _attention_like(attn) -> bool:
     if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
         return False
     # Nothing that would change the maths (q/k norms, relative positions...) may hide inside.
-    return {name for name, _ in attn.named_parameters()} <= _ATTN_PARAMS
+    return all(name.split(".", 1)[0] in _ATTN_PARTS for name, _ in attn.named_parameters())
 
 
 def matches(module) -> bool:
