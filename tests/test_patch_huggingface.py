@@ -303,3 +303,30 @@ def test_gpu_bf16_matches_unpatched(backend, train, fused_calls, resolved_backen
     assert len(fused_calls) == 2
     assert_kernels_ran(resolved_backends, backend, 4)  # temporal and spatial op of 2 layers
     assert not fallback_warnings()
+
+
+@pytest.mark.parametrize("copy_kind", ["deepcopy", "torch_save"])
+def test_copies_fall_back_and_unpatch(copy_kind, fused_calls):
+    """Issue 17, items 1-2: an EMA copy (deepcopy) or a torch.save/torch.load round trip of a
+    patched model runs fused, falls back (output_attentions=True) and unpatches."""
+    import io
+
+    model = make_model(3).eval()
+    video = make_video(2, 3)
+    ref = run(model, video, output_attentions=True)
+    tk.patch(model, backend="torch")
+    if copy_kind == "deepcopy":
+        copied = copy.deepcopy(model)
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        copied = torch.load(buffer, weights_only=False)
+    assert_same(ref, run(copied, video))
+    assert len(fused_calls) == 2
+    with pytest.warns(UserWarning, match="output_attentions"):
+        got = run(copied, video, output_attentions=True)
+    assert_same(ref, got, exact=True)
+    tk.unpatch(copied)
+    assert not [m for m in copied.modules() if "forward" in m.__dict__]
+    assert_same(ref, run(copied, video), exact=True)

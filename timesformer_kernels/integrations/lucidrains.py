@@ -45,7 +45,7 @@ _FORWARD_ARGS = ("x", "einops_from", "einops_to", "mask", "cls_mask", "rot_emb")
 
 
 def matches(module: nn.Module) -> bool:
-    if type(module).__name__ != "Attention":
+    if not any(cls.__name__ == "Attention" for cls in type(module).__mro__):  # FSDP2 subclasses it
         return False
     heads, to_qkv = getattr(module, "heads", None), getattr(module, "to_qkv", None)
     if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:

@@ -45,9 +45,15 @@ TEMPORAL = "DividedTemporalAttentionWithNorm"
 SPATIAL = "DividedSpatialAttentionWithNorm"
 
 
+def _kind(module: nn.Module) -> Optional[str]:
+    """TEMPORAL or SPATIAL: the first class in module's MRO with one of the two names (FSDP2 and
+    other wrappers subclass the module's class), else None."""
+    return next((cls.__name__ for cls in type(module).__mro__ if cls.__name__ in (TEMPORAL, SPATIAL)), None)
+
+
 def matches(module: nn.Module) -> bool:
-    name = type(module).__name__
-    if name not in (TEMPORAL, SPATIAL):
+    name = _kind(module)
+    if name is None:
         return False
     if not isinstance(getattr(module, "attn", None), nn.Module) or signature_of(type(module).forward) is None:
         return False
@@ -89,7 +95,7 @@ def _unsupported(module: nn.Module, query, residual) -> Optional[tuple]:
     if t < 1 or patches < t or patches % t or query.shape[0] == 0:
         return None, ""
     attn = module.attn
-    name = type(module).__name__
+    name = _kind(module)
     if attn.embed_dim != query.shape[-1]:
         return None, ""
     if attn.batch_first or not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn:
@@ -198,7 +204,7 @@ def unsupported(module: nn.Module):
                 "nn.MultiheadAttention, whose projections it reads; peft/LoRA wrappers are not): running the original "
                 "forward")
     bypassed = [("attn", module.attn), ("attn.out_proj", module.attn.out_proj)]
-    if type(module).__name__ == SPATIAL:
+    if _kind(module) == SPATIAL:
         bypassed += [("proj_drop", module.proj_drop), ("dropout_layer", module.dropout_layer)]
     return hooks_reason(KIND, bypassed)
 
@@ -216,5 +222,5 @@ def forward(fused, args: tuple, kwargs: dict):
         return fused.run_original(*reason, args, kwargs)
     if fused.runs_original_on_cpu(query):
         return fused.original()(*args, **kwargs)
-    fused_fn = _temporal_fused if type(module).__name__ == TEMPORAL else _spatial_fused
+    fused_fn = _temporal_fused if _kind(module) == TEMPORAL else _spatial_fused
     return fused_fn(module, query, fused.backend)
