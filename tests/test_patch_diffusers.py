@@ -444,3 +444,14 @@ def test_channel_first_linears_match_nn_linear(direction, features_out, pixels):
     for got, want in zip(torch.autograd.grad(fused, (x, lin.weight, lin.bias), grad),
                          torch.autograd.grad(ref, (x, lin.weight, lin.bias), grad)):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_auto_on_cpu_runs_the_original(family, fused_ops, fallback_warnings):
+    """backend "auto" on CPU tensors: diffusers' own code (faster there, README "On the CPU"),
+    silently; an explicit backend="torch" still fuses (the tests above)."""
+    model, forward, x = FAMILIES[family](6)
+    ref = run(model, forward, x)
+    tk.patch(model)  # backend="auto"
+    assert_same(ref, run(model, forward, x), exact=True)
+    assert not fused_ops and not fallback_warnings()

@@ -19,6 +19,7 @@ from ..modules import mlp_residual, spatial_residual, temporal_residual
 FAMILIES: dict = {}
 _warned: set = set()
 _signatures: dict = {}
+_forward_classes: dict = {}
 
 
 class FusedForward:
@@ -145,6 +146,21 @@ def signature_of(function) -> Optional[inspect.Signature]:
         except (TypeError, ValueError):
             _signatures[function] = None
     return _signatures[function]
+
+
+def forward_class(module: nn.Module) -> Optional[str]:
+    """Name of the class whose ``forward`` the module runs (its own or inherited), cached per class."""
+    cls = type(module)
+    if cls not in _forward_classes:
+        _forward_classes[cls] = next((c.__name__ for c in cls.__mro__ if "forward" in c.__dict__), None)
+    return _forward_classes[cls]
+
+
+def has_attributes(module, names) -> bool:
+    """Every name is an attribute or a child module of ``module`` (without nn.Module.__getattr__,
+    which a check made at every call cannot afford)."""
+    own, children = module.__dict__, module.__dict__.get("_modules", {})
+    return all(n in own or n in children for n in names)
 
 
 def bind_arguments(signature, module: nn.Module, args: tuple, kwargs: dict):

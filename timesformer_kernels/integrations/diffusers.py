@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._common import active_dropout, bind_arguments, hooked, signature_of
+from ._common import active_dropout, bind_arguments, has_attributes, hooked, signature_of
 from .diffusers_ops import (DEFAULT_PROCESSORS, basic_block, group_norm_clips, linear_from_channels,
                             linear_to_channels, svd_block)
 
@@ -83,7 +83,7 @@ def _warn(key: str, what: str) -> tuple[str, str]:
 
 
 def _is_attention(attn) -> bool:
-    return (isinstance(attn, nn.Module) and all(hasattr(attn, a) for a in ("to_q", "to_k", "to_v", "to_out", "heads"))
+    return (isinstance(attn, nn.Module) and has_attributes(attn, ("to_q", "to_k", "to_v", "to_out", "heads"))
             and isinstance(attn.to_out, nn.ModuleList) and len(attn.to_out) == 2)
 
 

@@ -33,7 +33,8 @@ from typing import Optional
 
 import torch
 
-from ._common import active_dropout, bind_arguments, divided_block, drop_path_prob, hooks_reason, signature_of
+from ._common import (active_dropout, bind_arguments, divided_block, drop_path_prob, forward_class,
+                      has_attributes, hooks_reason, signature_of)
 
 KIND = "huggingface"
 CPU_AUTO_RUNS_ORIGINAL = False  # measured faster fused on the CPU too (README, "CPU")
@@ -51,14 +52,9 @@ def _attention_type(module) -> Optional[str]:
     return getattr(module, "attention_type", getattr(config, "attention_type", None))
 
 
-def _forward_class(module) -> Optional[str]:
-    """Name of the class whose ``forward`` the module runs (its own or inherited)."""
-    return next((cls.__name__ for cls in type(module).__mro__ if "forward" in cls.__dict__), None)
-
-
 def _is(module, spec) -> bool:
     name, attributes = spec
-    return _forward_class(module) == name and all(hasattr(module, a) for a in attributes)
+    return forward_class(module) == name and has_attributes(module, attributes)
 
 
 def _attention_ok(attention) -> bool:
@@ -73,7 +69,7 @@ def matches(module) -> bool:
         return False
     if getattr(getattr(module, "config", None), "attention_type", "divided_space_time") != "divided_space_time":
         return False
-    if signature_of(type(module).forward) is None or not all(hasattr(module, part) for part in _PARTS):
+    if signature_of(type(module).forward) is None or not has_attributes(module, _PARTS):
         return False
     return _attention_ok(module.temporal_attention) and _attention_ok(module.attention)
 
@@ -85,6 +81,7 @@ def unsupported(layer):
                                ("temporal_attention.output", ta.output), ("attention", sa),
                                ("attention.attention", sa.attention), ("attention.output", sa.output),
                                ("drop_path", layer.drop_path)))
+
 
 def _fallback_reason(layer, arguments: dict, signature: inspect.Signature, hidden_name: str):
     """(key, message) of a warned fallback, (None, "") for a silent one (the original raises
