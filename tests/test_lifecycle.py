@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
 import io
 import types
 
@@ -183,14 +184,18 @@ def _lora_unfused(model, family):
 
 
 def _lora_unloaded(model, family):
-    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     model = _lora(model, family)
     if hasattr(model, "unload_lora"):
         model.unload_lora()
-    else:
-        recurse_remove_peft_layers(model)
-    return model
+        return model
+    while True:  # the outermost adapter wrapper replaced by its base layer, until none is left
+        name, m = next(((n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)), (None, None))
+        if m is None:
+            return model
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, m.get_base_layer())
 
 
 def _attentions(model):
@@ -308,6 +313,10 @@ def _diffusers(family):
     return family.diffusers
 
 
+def _lora_applies(family):
+    return bool(family.lora_targets) and importlib.util.find_spec("peft") is not None
+
+
 def _lora_expect(family):
     return "fused" if family.lora_fused else "fallback"
 
@@ -339,10 +348,10 @@ OPERATIONS = {
     "compiled_and_run": (_compiled_and_run, _always, "fused", ("before",)),  # patching recompiles
     "gradient_checkpointing": (_gradient_checkpointing, lambda f: f.name in ("huggingface", "animatediff", "latte"),
                                "fused", BOTH),
-    "peft_lora": (_lora, lambda f: bool(f.lora_targets), _lora_expect, BOTH),
-    "peft_lora_fused": (_lora_fused, lambda f: bool(f.lora_targets), _lora_expect, BOTH),
-    "peft_lora_unfused": (_lora_unfused, lambda f: bool(f.lora_targets), _lora_expect, BOTH),
-    "peft_lora_unloaded": (_lora_unloaded, lambda f: bool(f.lora_targets), "fused", BOTH),
+    "peft_lora": (_lora, _lora_applies, _lora_expect, BOTH),
+    "peft_lora_fused": (_lora_fused, _lora_applies, _lora_expect, BOTH),
+    "peft_lora_unfused": (_lora_unfused, _lora_applies, _lora_expect, BOTH),
+    "peft_lora_unloaded": (_lora_unloaded, _lora_applies, "fused", BOTH),
     "default_processor": (_processor(_default_processor), _diffusers, "fused", BOTH),
     "custom_processor": (_processor(_custom_processor), _diffusers, "fallback", BOTH),
     "fuse_qkv_projections": (_fuse_qkv, _diffusers, "fused", BOTH),
