@@ -1,6 +1,6 @@
 """Swap-in for the temporal transformers of diffusers' video models.
 
-Matched by class name (any class in the MRO) and structure:
+Matched by class name (any class in the MRO) and forward signature:
 
 - ``AnimateDiffTransformer3D`` (motion modules of ``UNetMotionModel`` / ``MotionAdapter``) and
   ``TransformerTemporalModel`` (``UNet3DConditionModel``): channel-first input (B·F, C, H, W);
@@ -18,7 +18,10 @@ Matched by class name (any class in the MRO) and structure:
   forward runs the spatial blocks as they are and the temporal blocks (ada_norm_single, the
   temporal positional embedding) on the spatial blocks' frame-major output.
 
-Calls the fused path cannot reproduce run the original forward, with a warning once per
+Matched by class (``matches``); what the module holds is checked at every call
+(``unsupported``): temporal blocks that are not ``BasicTransformerBlock`` (FreeNoise's
+``FreeNoiseTransformerBlock``, split inference's ``SplitInferenceModule``) fall back like the
+rest. Calls the fused path cannot reproduce run the original forward, with a warning once per
 reason: a non-default attention processor (anything but AttnProcessor2_0, AttnProcessor,
 FusedAttnProcessor2_0), q/k/v (or proj_in / proj_out) projections that are not plain
 ``nn.Linear`` (LoRA / peft wrappers) or carry hooks, attention options (group/spatial/q-k
@@ -179,11 +182,12 @@ def _channel_first_unsupported(module):
     if not all(_plain_linear(getattr(module, p, None)) for p in ("proj_in", "proj_out")):
         return _warn("proj", "with proj_in / proj_out that are not plain nn.Linear (split inference, LoRA) or "
                      "that carry hooks")
-    for block in module.transformer_blocks:
-        reason = _basic_block_reason(block, "layer_norm")
-        if reason is not None:
-            return reason
-    return None
+    return _blocks_reason(module.transformer_blocks, "layer_norm")
+
+
+def _blocks_reason(blocks, norm_type: str):
+    """The first block's reason of ``_basic_block_reason``, else None."""
+    return next((r for r in (_basic_block_reason(b, norm_type) for b in blocks) if r is not None), None)
 
 
 def _svd_unsupported(block):
@@ -200,11 +204,7 @@ def _latte_unsupported(model):
         return _warn("latte_positions", "without a temp_pos_embed tensor")
     if len(model.transformer_blocks) != len(model.temporal_transformer_blocks):
         return _warn("latte_blocks", "with different numbers of spatial and temporal blocks")
-    for block in model.temporal_transformer_blocks:
-        reason = _basic_block_reason(block, "ada_norm_single")
-        if reason is not None:
-            return reason
-    return None
+    return _blocks_reason(model.temporal_transformer_blocks, "ada_norm_single")
 
 
 def unsupported(module):

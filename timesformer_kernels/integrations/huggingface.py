@@ -19,11 +19,15 @@ Drop-path masks are drawn with ``torch.rand`` in the same shapes and order as
 (``model.gradient_checkpointing_enable()``) keeps working: the fused layer is checkpointed the
 same way as the original.
 
-Calls the fused path cannot reproduce run the original forward, with a warning once:
-``output_attentions=True`` (the fused kernels keep no probabilities), dropout active in
-training in either attention (``attention_probs_dropout_prob`` or ``hidden_dropout_prob``
-> 0), any extra argument that is not its default (head masks of other versions), or an
-unrecognised drop-path module. The attention's ``scale`` is read at each call.
+Checked at every call (``matches``, ``unsupported``): the attention submodules still run
+``TimeSformerAttention`` / ``TimesformerSelfAttention`` / ``TimesformerSelfOutput``'s forward
+(the fused path replaces those, and calls the Linears, norms, intermediate and output as
+modules, so peft/LoRA-wrapped Linears stay fused) and carry no hooks. Calls the fused path
+cannot reproduce run the original forward, with a warning once: ``output_attentions=True``
+(the fused kernels keep no probabilities), dropout active in training in either attention
+(``attention_probs_dropout_prob`` or ``hidden_dropout_prob`` > 0), any extra argument that is
+not its default (head masks of other versions), or an unrecognised drop-path module. The
+attention's ``scale`` is read at each call.
 """
 from __future__ import annotations
 

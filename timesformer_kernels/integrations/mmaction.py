@@ -1,7 +1,9 @@
 """Swap-in for mmaction2's divided space-time attention (``models/common/transformer.py``).
 
 ``DividedTemporalAttentionWithNorm`` and ``DividedSpatialAttentionWithNorm`` are matched by
-class name and structure (so it works however mmaction2 was imported, even file by file).
+class name anywhere in the MRO (so it works however mmaction2 was imported, even file by file,
+and under FSDP2's subclass) and structure; at every call the attention must still be
+``nn.MultiheadAttention``'s own maths (a peft/LoRA wrapper falls back) without hooks.
 Both hold a norm, a packed ``nn.MultiheadAttention`` (``in_proj_weight``/``in_proj_bias`` is
 the qkv Linear with its output laid out (3, H, Dh), ``out_proj`` the projection),
 ``proj_drop`` (nn.Dropout), ``dropout_layer`` (mmcv's DropPath by default) and, temporal only,

@@ -3,8 +3,10 @@
 Users vendor the official ``vit.py`` under many names, so a block is recognised by its
 structure, not its class: ``attention_type == 'divided_space_time'``, the submodules
 temporal_norm1, temporal_attn (qkv, proj), temporal_fc, norm1, attn (qkv, proj), norm2, mlp,
-drop_path, attention modules holding no parameters besides qkv and proj, and a
-``forward(x, B, T, W)``.
+drop_path, attention modules holding no parameters besides those of qkv and proj (which the
+fused path calls as modules: a peft/LoRA-wrapped qkv is fine), and a ``forward(x, B, T, W)``.
+The structure is checked again at every call, with the hooks of the attention and drop-path
+modules the fused path does not call.
 
 The fused forward computes, with x of shape (B, 1 + N·T, D), patches space-major::
 
