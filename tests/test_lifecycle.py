@@ -344,7 +344,8 @@ OPERATIONS = {
     "unpatch": (lambda m, f: tk.unpatch(m), _always, "original", AFTER),
     "deepcopy_unpatch": (lambda m, f: tk.unpatch(copy.deepcopy(m)), _always, "original", AFTER),
     "pickle_unpatch": (lambda m, f: tk.unpatch(_pickled(m, f)), _always, "original", AFTER),
-    "compile": (lambda m, f: torch.compile(m, backend="aot_eager"), _always, "fused", AFTER),
+    # fullgraph: the checks of every call trace without a graph break
+    "compile": (lambda m, f: torch.compile(m, backend="aot_eager", fullgraph=True), _always, "fused", AFTER),
     "compiled_and_run": (_compiled_and_run, _always, "fused", ("before",)),  # patching recompiles
     "gradient_checkpointing": (_gradient_checkpointing, lambda f: f.name in ("huggingface", "animatediff", "latte"),
                                "fused", BOTH),

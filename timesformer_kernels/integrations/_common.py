@@ -20,6 +20,7 @@ FAMILIES: dict = {}
 _warned: set = set()
 _signatures: dict = {}
 _forward_classes: dict = {}
+_named_classes: dict = {}
 
 
 class FusedForward:
@@ -154,6 +155,16 @@ def forward_class(module: nn.Module) -> Optional[str]:
     if cls not in _forward_classes:
         _forward_classes[cls] = next((c.__name__ for c in cls.__mro__ if "forward" in c.__dict__), None)
     return _forward_classes[cls]
+
+
+def class_named(module: nn.Module, names: tuple) -> Optional[type]:
+    """The first class in module's MRO whose name is one of ``names`` (wrappers such as FSDP2's
+    subclass the module's class), cached per class: torch.compile traces a dict lookup, not
+    the walk over the MRO."""
+    key = (type(module), names)
+    if key not in _named_classes:
+        _named_classes[key] = next((c for c in type(module).__mro__ if c.__name__ in names), None)
+    return _named_classes[key]
 
 
 def has_attributes(module, names) -> bool:

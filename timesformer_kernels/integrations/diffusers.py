@@ -35,13 +35,13 @@ raises its own error.
 """
 from __future__ import annotations
 
-import importlib
+import sys
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ._common import active_dropout, bind_arguments, has_attributes, hooked, signature_of
+from ._common import active_dropout, bind_arguments, class_named, has_attributes, hooked, signature_of
 from .diffusers_ops import (DEFAULT_PROCESSORS, basic_block, group_norm_clips, linear_from_channels,
                             linear_to_channels, svd_block)
 
@@ -59,13 +59,14 @@ _ARGS = {
     _LATTE: ("hidden_states", "timestep", "encoder_hidden_states", "encoder_attention_mask",
              "enable_temporal_attentions", "return_dict"),
 }
+_NAMES = tuple(_ARGS)
 _ATTENTION_OPTIONS = ("group_norm", "spatial_norm", "norm_q", "norm_k")
 _OUTPUTS = {"TransformerTemporalModel": "TransformerTemporalModelOutput", _LATTE: "Transformer2DModelOutput"}
 
 
 def _kind(module: nn.Module) -> Optional[type]:
     """The diffusers class in module's MRO this swap-in knows, or None."""
-    return next((cls for cls in type(module).__mro__ if cls.__name__ in _ARGS), None)
+    return class_named(module, _NAMES)
 
 
 def _signature(module: nn.Module, cls: type):
@@ -333,7 +334,7 @@ def _latte(model, args: dict, backend: str):
 
 def _output_class(module, name: str):
     """The output dataclass ``name`` from the diffusers source file that defines module's class."""
-    return getattr(importlib.import_module(_kind(module).__module__), name)
+    return getattr(sys.modules[_kind(module).__module__], name)  # imported with the class; compile traces this
 
 
 _RUN = {"AnimateDiffTransformer3D": (_channel_first_reason, _channel_first),

@@ -37,8 +37,8 @@ from typing import Optional
 
 import torch
 
-from ._common import (active_dropout, bind_arguments, divided_block, drop_path_prob, forward_class,
-                      has_attributes, hooks_reason, signature_of)
+from ._common import (active_dropout, bind_arguments, class_named, divided_block, drop_path_prob,
+                      forward_class, has_attributes, hooks_reason, signature_of)
 
 KIND = "huggingface"
 CPU_AUTO_RUNS_ORIGINAL = False  # measured faster fused on the CPU too (README, "CPU")
@@ -67,7 +67,7 @@ def _attention_ok(attention) -> bool:
 
 
 def matches(module) -> bool:
-    if not any(cls.__name__ == _CLASS for cls in type(module).__mro__):
+    if class_named(module, (_CLASS,)) is None:
         return False
     if _attention_type(module) != "divided_space_time":
         return False

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import temporal_attention
-from ._common import signature_of
+from ._common import class_named, signature_of
 
 KIND = "lucidrains"
 CPU_AUTO_RUNS_ORIGINAL = False  # see the README, "CPU"
@@ -45,7 +45,7 @@ _FORWARD_ARGS = ("x", "einops_from", "einops_to", "mask", "cls_mask", "rot_emb")
 
 
 def matches(module: nn.Module) -> bool:
-    if not any(cls.__name__ == "Attention" for cls in type(module).__mro__):  # FSDP2 subclasses it
+    if class_named(module, ("Attention",)) is None:  # anywhere in the MRO: FSDP2 subclasses it
         return False
     heads, to_qkv = getattr(module, "heads", None), getattr(module, "to_qkv", None)
     if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:

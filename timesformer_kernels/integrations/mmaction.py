@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import spatial_attention, temporal_attention
-from ._common import bind_arguments, hooks_reason, signature_of
+from ._common import bind_arguments, class_named, hooks_reason, signature_of
 
 KIND = "mmaction"
 CPU_AUTO_RUNS_ORIGINAL = False  # see the README, "CPU"
@@ -50,7 +50,8 @@ SPATIAL = "DividedSpatialAttentionWithNorm"
 def _kind(module: nn.Module) -> Optional[str]:
     """TEMPORAL or SPATIAL: the first class in module's MRO with one of the two names (FSDP2 and
     other wrappers subclass the module's class), else None."""
-    return next((cls.__name__ for cls in type(module).__mro__ if cls.__name__ in (TEMPORAL, SPATIAL)), None)
+    cls = class_named(module, (TEMPORAL, SPATIAL))
+    return None if cls is None else cls.__name__
 
 
 def matches(module: nn.Module) -> bool:
