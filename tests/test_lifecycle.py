@@ -22,6 +22,7 @@ from torch import nn
 import timesformer_kernels as tk
 from lifecycle_models import FRAMES, available, dtype_of
 from timesformer_kernels.integrations import FAMILIES as PATCHED_FAMILIES
+from timesformer_kernels.integrations._common import FusedForward
 
 FAMILIES = available()
 TOL = {torch.float32: 2e-4, torch.float64: 1e-10, torch.float16: 2e-2}
@@ -407,3 +408,35 @@ def test_lifecycle(family, op, order, op_calls, fallback_warnings):
         assert warned
     else:  # the original code: unpatched
         assert not op_calls and not warned, warned
+
+
+@pytest.mark.parametrize("order", ["hook_then_patch", "patch_then_hook"])
+def test_accelerate_hooks(order, op_calls, fallback_warnings):
+    """accelerate's add_hook_to_module (what device maps and CPU offload install) around a
+    patched module: patched first, the hook wraps the fused forward (fused); hooked first, the
+    hook's forward runs (warned). tk.unpatch and accelerate's remove_hook_from_module undo both,
+    in either order, leaving the module's own forward."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    family = FAMILIES["huggingface"]
+    ref = measure(fresh("huggingface"), family)
+    model = fresh("huggingface")
+    layers = patched_modules(model)
+    if order == "hook_then_patch":
+        for layer in layers:
+            hooks.add_hook_to_module(layer, hooks.ModelHook())
+        tk.patch(model, backend="torch")
+    else:
+        tk.patch(model, backend="torch")
+        for layer in layers:
+            hooks.add_hook_to_module(layer, hooks.ModelHook())
+    assert_equivalent(ref, measure(model, family), TOL[torch.float32])
+    assert bool(op_calls) == (order == "patch_then_hook") and bool(fallback_warnings()) == (order == "hook_then_patch")
+    tk.unpatch(model)
+    for layer in layers:
+        hooks.remove_hook_from_module(layer)
+    tk.unpatch(model)  # a fused forward the hook still held comes back from remove_hook: removed now
+    # (accelerate leaves the class's bound forward as the instance's, as on an unpatched model)
+    assert not [m for m in layers if isinstance(m.__dict__.get("forward"), FusedForward)]
+    del op_calls[:]
+    assert_equivalent(ref, measure(model, family), 0.0)
+    assert not op_calls
