@@ -298,10 +298,6 @@ def _split_inference(model, family):
     return model
 
 
-def _repatch(model, family):
-    return tk.patch(model, backend="torch") if "forward" in patched_modules(model)[0].__dict__ else model
-
-
 def _always(family):
     return True
 
@@ -341,7 +337,7 @@ OPERATIONS = {
                                   AFTER),
     "pickle_hook_on_bypassed": (lambda m, f: _hook_on_bypassed(_pickled(m, f), f), _has_bypassed, "fallback", AFTER),
     "foreign_forward": (_wrap_forwards, _always, {"before": "fallback", "after": "fused"}, BOTH),
-    "repatch": (_repatch, _always, "fused", AFTER),
+    "repatch": (lambda m, f: tk.patch(m, backend="torch"), _always, "fused", AFTER),
     "unpatch": (lambda m, f: tk.unpatch(m), _always, "original", AFTER),
     "deepcopy_unpatch": (lambda m, f: tk.unpatch(copy.deepcopy(m)), _always, "original", AFTER),
     "pickle_unpatch": (lambda m, f: tk.unpatch(_pickled(m, f)), _always, "original", AFTER),
