@@ -11,6 +11,8 @@ Cases (random weights, nothing downloaded):
     hf_layer       Hugging Face TimesformerLayer, TimeSformer-base (768, 12 heads, 8 frames, 14x14
                    patches), batch 2
     official_block the official Block structure (tests/official_block.py) at the same size
+    lucidrains     lucidrains TimeSformer, one layer at the same size (rotary embeddings), 224² video
+    mmaction_layer mmaction2's divided temporal + spatial attention and FFN layer at the same size
 """
 from __future__ import annotations
 
@@ -54,7 +56,35 @@ def _official_block():
     return Block(768, 12, 4.0, qkv_bias=True), lambda m: m(x, 2, 8, 14)
 
 
-CASES = {"motion_module": _motion_module, "hf_layer": _hf_layer, "official_block": _official_block}
+def _lucidrains():
+    from timesformer_pytorch import TimeSformer
+
+    video = torch.randn(2, 8, 3, 224, 224)
+    return (TimeSformer(dim=768, image_size=224, patch_size=16, num_frames=8, num_classes=10, depth=1, heads=12,
+                        dim_head=64), lambda m: m(video))
+
+
+def _mmaction_layer():
+    sys.path.insert(0, "tests")
+    from mmaction_loader import load_mmaction_transformer
+    from mmcv.cnn.bricks.transformer import build_transformer_layer_sequence
+
+    mt = load_mmaction_transformer()
+    common = dict(embed_dims=768, num_heads=12, num_frames=8, norm_cfg=dict(type="LN", eps=1e-6))
+    layer = dict(type="BaseTransformerLayer",
+                 attn_cfgs=[dict(type=mt.DividedTemporalAttentionWithNorm, **common),
+                            dict(type=mt.DividedSpatialAttentionWithNorm, **common)],
+                 ffn_cfgs=dict(type=mt.FFNWithNorm, embed_dims=768, feedforward_channels=3072,
+                               act_cfg=dict(type="GELU"), norm_cfg=dict(type="LN", eps=1e-6)),
+                 operation_order=("self_attn", "self_attn", "ffn"))
+    model = build_transformer_layer_sequence(dict(type="TransformerLayerSequence", transformerlayers=[layer],
+                                                  num_layers=1))
+    x = torch.randn(2, 1 + 196 * 8, 768)
+    return model, lambda m: m(x, None, None)
+
+
+CASES = {"motion_module": _motion_module, "hf_layer": _hf_layer, "official_block": _official_block,
+         "lucidrains": _lucidrains, "mmaction_layer": _mmaction_layer}
 
 
 def _step(run, model, mode):

@@ -330,3 +330,21 @@ def test_copies_fall_back_and_unpatch(copy_kind, fused_calls):
     tk.unpatch(copied)
     assert not [m for m in copied.modules() if "forward" in m.__dict__]
     assert_same(ref, run(copied, video), exact=True)
+
+
+def test_auto_on_cpu(fused_calls):
+    """backend "auto" on CPU tensors: fused without autograd (faster there), the original code,
+    silently, while autograd records (README, "On the CPU")."""
+    model = make_model(3).eval()
+    video = make_video(2, 3)
+    with torch.no_grad():
+        ref = model(video).last_hidden_state
+    train_ref = run(model, video)
+    tk.patch(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            torch.testing.assert_close(model(video).last_hidden_state, ref, **TOL)
+        assert len(fused_calls) == 2
+        assert_same(train_ref, run(model, video), exact=True)
+    assert len(fused_calls) == 2

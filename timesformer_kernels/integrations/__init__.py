@@ -3,7 +3,8 @@
 Each model family is one module here with ``KIND`` (a name for reports), ``matches(module)``
 (tk.patch takes this module), ``unsupported(module)`` (a reason the fused code cannot run the
 module as it is now, checked at every call), ``forward(fused, args, kwargs)`` (one call: the
-fused code, or the original for arguments it cannot reproduce) and ``CPU_AUTO_RUNS_ORIGINAL``.
+fused code, or the original for arguments it cannot reproduce) and ``CPU_AUTO`` (what
+backend "auto" runs on CPU tensors).
 ``patch`` sets a ``FusedForward`` (plain, picklable state) as the instance's ``forward`` and
 keeps what it replaced, so ``unpatch`` restores it exactly; parameters and buffers are never
 touched, so ``state_dict()`` is the same before and after.

@@ -46,7 +46,7 @@ from .diffusers_ops import (DEFAULT_PROCESSORS, basic_block, group_norm_clips, l
                             linear_to_channels, svd_block)
 
 KIND = "diffusers"
-CPU_AUTO_RUNS_ORIGINAL = True  # measured slower fused on the CPU (README, "CPU")
+CPU_AUTO = "original"  # backend "auto" on CPU tensors; the fused torch path measured slower (README)
 _CHANNEL_FIRST = ("AnimateDiffTransformer3D", "TransformerTemporalModel")
 _SVD_BLOCK = "TemporalBasicTransformerBlock"
 _LATTE = "LatteTransformer3DModel"

@@ -41,7 +41,7 @@ from ._common import (active_dropout, bind_arguments, class_named, divided_block
                       forward_class, has_attributes, hooks_reason, signature_of)
 
 KIND = "huggingface"
-CPU_AUTO_RUNS_ORIGINAL = False  # measured faster fused on the CPU too (README, "CPU")
+CPU_AUTO = "fused_without_grad"  # backend "auto" on CPU tensors (README, "On the CPU")
 _CLASS = "TimesformerLayer"
 _PARTS = ("temporal_layernorm", "temporal_attention", "temporal_dense", "layernorm_before", "attention",
           "layernorm_after", "intermediate", "output", "drop_path", "config")

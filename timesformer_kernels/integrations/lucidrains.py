@@ -38,7 +38,7 @@ from ..ops import temporal_attention
 from ._common import class_named, signature_of
 
 KIND = "lucidrains"
-CPU_AUTO_RUNS_ORIGINAL = False  # see the README, "CPU"
+CPU_AUTO = "fused_without_grad"  # backend "auto" on CPU tensors (README, "On the CPU")
 TIME = ("b (f n) d", "(b n) f d", "n")  # (einops_from, einops_to, the one einops_dims key)
 SPACE = ("b (f n) d", "(b f) n d", "f")
 _FORWARD_ARGS = ("x", "einops_from", "einops_to", "mask", "cls_mask", "rot_emb")

@@ -42,7 +42,7 @@ from ..ops import spatial_attention, temporal_attention
 from ._common import bind_arguments, class_named, hooks_reason, signature_of
 
 KIND = "mmaction"
-CPU_AUTO_RUNS_ORIGINAL = False  # see the README, "CPU"
+CPU_AUTO = "fused_without_grad"  # backend "auto" on CPU tensors (README, "On the CPU")
 TEMPORAL = "DividedTemporalAttentionWithNorm"
 SPATIAL = "DividedSpatialAttentionWithNorm"
 

@@ -36,7 +36,7 @@ from torch import nn
 from ._common import active_dropout, bind_arguments, divided_block, drop_path_prob, hooks_reason, signature_of
 
 KIND = "official"
-CPU_AUTO_RUNS_ORIGINAL = False  # the same fused block as Hugging Face's (README, "CPU")
+CPU_AUTO = "fused_without_grad"  # backend "auto" on CPU tensors (README, "On the CPU")
 
 _BLOCK_PARTS = ("temporal_norm1", "temporal_attn", "temporal_fc", "norm1", "attn", "norm2", "mlp", "drop_path")
 _ATTN_PARTS = {"qkv", "proj"}  # called as modules: a peft/LoRA-wrapped qkv or proj is fine
