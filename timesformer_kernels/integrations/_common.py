@@ -14,8 +14,8 @@ from torch.nn.modules import module as _module_hooks
 
 from ..modules import mlp_residual, spatial_residual, temporal_residual
 
-# Each family module (huggingface.py, ...) registers itself by its KIND; FusedForward finds
-# its family here, by name, so that its own state is plain data (picklable, deep-copyable).
+# integrations/__init__ registers each family module (huggingface.py, ...) here by its KIND;
+# FusedForward finds its family by name, so that its own state is plain data (picklable).
 FAMILIES: dict = {}
 _warned: set = set()
 _signatures: dict = {}
