@@ -96,7 +96,10 @@ setup(
         "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4", "einops>=0.7", "numpy", "build",
                  "matplotlib>=3.7", "transformers==5.24.0", "timesformer-pytorch==0.4.1",
                  "opencv-python-headless==5.0.0.93", "addict==2.4.0", "yapf==0.43.0", "termcolor==3.3.0",
-                 "rich>=13", "PyYAML>=6", "pillow>=10", "diffusers==0.42.1"],
+                 "rich>=13", "PyYAML>=6", "pillow>=10", "diffusers==0.42.1",
+                 "peft==0.21.2",  # LoRA in tests/test_lifecycle.py (brings accelerate, whose hooks it also tests)
+                 # scripts/upstream_tests.sh: what transformers' and diffusers' own tests import
+                 "parameterized==0.9.0", "requests-mock==1.12.1"],
         "bench": ["matplotlib>=3.7"],
     },
     ext_modules=[ext] if ext is not None else [],

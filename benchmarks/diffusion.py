@@ -139,8 +139,8 @@ def _runner(model, forward, variant):
 
     if isinstance(model, dict):
         return model[variant]
-    if "patched" in variant:
-        tk.patch(model)
+    if "patched" in variant:  # on the CPU (the smoke run) the fused torch path: auto would run diffusers' code
+        tk.patch(model, backend="auto" if next(model.parameters()).is_cuda else "torch")
     runner = torch.compile(model) if "compiled" in variant else model
     return lambda *inputs: forward(runner, *inputs)
 

@@ -231,3 +231,13 @@ def test_markdown_and_plots_from_synthetic_gpu_rows(tmp_path):
 
         written = plot.plot_all(w.path, log=lambda m: None)
         assert {os.path.basename(p) for p in written} == {"time_vs_batch.png", "speedup.png", "e2e.png"}
+
+
+def test_cpu_check_overhead_runs():
+    """benchmarks/cpu.py's per-call check timing runs against the swap-ins' current checks."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from benchmarks import cpu
+
+    timings = cpu.check_overhead_us(repeats=3)
+    assert set(timings) == {"hf_layer", "motion_module"} and all(t > 0 for pair in timings.values() for t in pair)

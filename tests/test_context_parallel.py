@@ -10,6 +10,10 @@ unpatched) run here on the whole clip:
   tuple outputs in eval;
 - blocks of the official structure (tests/official_block.py) in training: output and gradients;
 - AnimateDiff's UNetMotionModel: the output and every parameter gradient;
+- backend "auto" on CPU tensors (which runs the original code of a patched model where it
+  measured faster) running the fused code instead (the official blocks, the UNet);
+- copy.deepcopy of a context-parallel model (an EMA) training on the same group, and
+  tk.unpatch of the copy leaving the original context-parallel;
 - the relayouts of ``parallel.FrameSplit`` against the layout its docstring states;
 - what autograd saves per rank against the unsharded model (<= 0.6x at P = 2);
 - the bytes each rank sends per block, counted at the collectives, against the formula;
@@ -20,17 +24,17 @@ unpatched) run here on the whole clip:
 
 Validation runs without processes, on torch.distributed's "fake" backend.
 """
+import copy
 import datetime
+import functools
 import os
 import pickle
-import socket
 import traceback
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import timesformer_kernels as tk
@@ -39,6 +43,7 @@ from timesformer_kernels.integrations import _common
 from timesformer_kernels.integrations.context_parallel import STATE_ATTR
 
 from official_block import TinyTimeSformer
+from spawn import spawn_ranks
 
 transformers = pytest.importorskip("transformers")
 from transformers import TimesformerConfig, TimesformerForVideoClassification, TimesformerModel  # noqa: E402
@@ -198,12 +203,23 @@ def case_hf_eval(rank):
     return hf_eval(cp(hf_model(TimesformerModel)))
 
 
+def case_hf_copy(rank):
+    """An EMA's copy.deepcopy of a context-parallel model trains like the unsharded model on the
+    same group; tk.unpatch of the copy leaves the original context-parallel and the copy plain."""
+    model = cp(hf_model().train())
+    ema = copy.deepcopy(model)
+    results = {"copy": hf_train(ema)}
+    tk.unpatch(ema).zero_grad(set_to_none=True)
+    return {**results, "original": hf_train(model), "unpatched copy": hf_train(ema)}
+
+
+# backend "auto": on CPU tensors in training, a patched model runs the original code of both families
 def case_official(rank):
-    return official_run(cp(official_model()))
+    return official_run(cp(official_model(), backend="auto"))
 
 
 def case_unet(rank):
-    return unet_run(cp(unet_model())) if diffusers is not None else None
+    return unet_run(cp(unet_model(), backend="auto")) if diffusers is not None else None
 
 
 def case_split(rank):
@@ -332,12 +348,12 @@ def case_compose(rank):
     return results
 
 
-CASES = {2: (case_hf_train, case_hf_checkpointing, case_hf_triton, case_hf_eval, case_official, case_unet, case_split, case_saved,
-             case_sent, case_compile, case_bench),
+CASES = {2: (case_hf_train, case_hf_checkpointing, case_hf_triton, case_hf_eval, case_hf_copy, case_official, case_unet,
+             case_split, case_saved, case_sent, case_compile, case_bench),
          4: (case_hf_train, case_official, case_unet, case_split, case_sent, case_compose)}
 
 
-def _worker(rank, world, port, out_dir):
+def _worker(world, rank, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
@@ -354,12 +370,7 @@ def _worker(rank, world, port, out_dir):
 
 
 def _spawn(world, tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp(f"cp{world}")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(world, port, str(out_dir)), nprocs=world, join=True)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return spawn_ranks(functools.partial(_worker, world), world, tmp_path_factory.mktemp(f"cp{world}"))
 
 
 @pytest.fixture(scope="module")
@@ -430,8 +441,15 @@ def test_hf_model_tuple_outputs(ranks2):
         assert_close_tree(result, want, F64)
 
 
+def test_hf_deepcopy(ranks2):
+    want = hf_train(hf_model().train())
+    for result in results_of(ranks2, case_hf_copy):
+        assert_close_tree(result, {"copy": want, "original": want, "unpatched copy": want}, F64)
+
+
 def test_official_structure(ranks):
-    """Blocks of the official structure in training with drop-path, fp64: output and gradients."""
+    """Blocks of the official structure in training with drop-path, fp64: output and gradients
+    (backend "auto" on CPU tensors: fused, not the original code on this rank's frames)."""
     want = official_run(official_model())
     for result in results_of(ranks, case_official):
         assert_close_tree(result, want, F64)
@@ -439,7 +457,8 @@ def test_official_structure(ranks):
 
 @pytest.mark.skipif(diffusers is None, reason="diffusers is not installed")
 def test_unet_motion_model(ranks):
-    """The whole UNet, fp64: its output and every parameter gradient (7 motion modules)."""
+    """The whole UNet, fp64: its output and every parameter gradient (7 motion modules; backend
+    "auto" on CPU tensors: fused, not the original code on this rank's frames)."""
     want = unet_run(unet_model())
     for result in results_of(ranks, case_unet):
         assert_close_tree(result, want, F64)
@@ -552,44 +571,77 @@ def test_unet_frames_not_divisible_at_call(fake_world):
         unet(sample[:, :, :3], timestep, text[:BATCH * 3])
 
 
+def fused_forwards(model):
+    return [f for f in map(_common.fused_forward_of, model.modules()) if f is not None]
+
+
 def test_group_of_one_is_the_patched_model(fake_world):
     fake_world(1)
     model = tk.patch(hf_model(), backend="torch")
     attributes = set(model.__dict__)
     assert tk.context_parallel(model) is model
-    assert set(model.__dict__) == attributes and not any(_common.frame_split(m) for m in model.modules())
+    assert set(model.__dict__) == attributes and [f.split for f in fused_forwards(model)] == [None, None]
     assert not any(m._forward_pre_hooks for m in model.modules())
 
 
 def test_fallbacks_raise(fake_world):
     """A call the fused path would hand to the original code raises: the original cannot run on a
-    split of the frames (checked before any collective runs)."""
+    split of the frames (checked before any collective runs). So does a module changed after
+    tk.context_parallel (checked at every call, like tk.patch's)."""
     fake_world(2)
     model = cp(hf_model())
     with pytest.raises(ValueError, match="under tk.context_parallel: .*output_attentions=True"):
         model(video(), output_attentions=True)
+    model.timesformer.encoder.layer[0].attention.register_forward_hook(lambda *args: None)
+    with pytest.raises(ValueError, match=r"TimesformerLayer under tk.context_parallel: .*hooks .* on attention "):
+        model(video())
+
+
+def test_auto_on_cpu_runs_fused(fake_world):
+    """backend "auto" runs the original code on CPU tensors where it measured faster (a Hugging
+    Face layer in training), but never on this rank's frames under tk.context_parallel."""
+    fake_world(2)
+    model, x = tk.patch(hf_model().train()), torch.zeros(1)
+    assert all(f.runs_original_on_cpu(x) for f in fused_forwards(model))
+    tk.context_parallel(model)
+    assert not any(f.runs_original_on_cpu(x) for f in fused_forwards(model))
 
 
 def test_unpatch_undoes_it(fake_world):
     fake_world(2)
     reference = hf_model().eval()
     model = cp(hf_model().eval())
+    fused = fused_forwards(model)
     with pytest.raises(ValueError, match="already context-parallel"):
         tk.context_parallel(model)
     tk.unpatch(model)
-    assert STATE_ATTR not in model.__dict__
-    assert not any(_common.frame_split(m) for m in model.modules())
+    assert STATE_ATTR not in model.__dict__ and not fused_forwards(model)
+    assert [f.split for f in fused] == [None, None]
     assert not model.timesformer.encoder._forward_pre_hooks and not model.timesformer.encoder._forward_hooks
     assert not any(p._post_accumulate_grad_hooks for p in model.parameters())
     torch.testing.assert_close(model(video()).logits, reference(video()).logits, **F64)
 
 
-def test_copy_and_pickle_refused(fake_world):
-    import copy
+def installed(model):
+    """What tk.context_parallel installed in ``model``: its split, the fused forwards' splits,
+    the hooks of the encoder, and whether every parameter's gradient is averaged."""
+    state, encoder = model.__dict__.get(STATE_ATTR), model.timesformer.encoder
+    return (state and state.split, [f.split for f in fused_forwards(model)],
+            len(encoder._forward_pre_hooks) + len(encoder._forward_hooks),
+            all(p._post_accumulate_grad_hooks for p in model.parameters()))
 
+
+def test_deepcopy_shares_the_group_and_pickling_is_refused(fake_world):
+    """An EMA's copy.deepcopy is context-parallel over the same group (its own hooks, its
+    parameters' gradients averaged); tk.unpatch of the copy leaves the original as it was."""
     fake_world(2)
     model = cp(hf_model())
-    with pytest.raises(TypeError, match="cannot be copied or pickled"):
-        copy.deepcopy(model)
-    with pytest.raises(TypeError, match="cannot be copied or pickled"):
+    split = model.__dict__[STATE_ATTR].split
+    ema = copy.deepcopy(model)
+    assert installed(ema) == installed(model) == (split, [split, split], 2, True)
+    assert all(f.module is layer for f, layer in zip(fused_forwards(ema), ema.timesformer.encoder.layer))
+    tk.unpatch(ema)
+    assert installed(ema) == (None, [], 0, False)
+    assert installed(model) == (split, [split, split], 2, True)
+    with pytest.raises(TypeError, match="a context-parallel model holds a process group: it cannot be pickled"):
         pickle.dumps(model)

@@ -5,17 +5,16 @@ Two models: ``DividedSpaceTimeBlock`` layers with a classifier head, and the off
 TimeSformer block structure (tests/official_block.py) patched in place with ``tk.patch``.
 """
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import timesformer_kernels as tk
 from official_block import TinyTimeSformer
+from spawn import spawn_ranks
 
 WORLD = 2
 BATCH = 4  # split 2 + 2 over the ranks
@@ -99,17 +98,9 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn_ranks(_worker, WORLD, tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.mark.parametrize("kind", list(MODELS))

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from bf16_check import assert_kernels_ran, check_patched_bf16
 
 import timesformer_kernels as tk
-from timesformer_kernels.integrations import _common, diffusers_ops, patch_summary
+from timesformer_kernels.integrations import diffusers_ops, patch_summary
 
 pytest.importorskip("diffusers")
 from diffusers import LatteTransformer3DModel, UNetMotionModel  # noqa: E402
@@ -123,15 +123,35 @@ def fused_ops(monkeypatch):
     return calls
 
 
-def check_family(family, frames, backend, train, fused_ops, **options):
+def assert_as_close_as_upstream(ref, got, exact):
+    """Each of ``got`` (output, gradients) is at most twice as far from the float64 result
+    ``exact`` as upstream's float32 ``ref`` is, plus a rounding floor: flash-attention's criterion,
+    for sizes where fp32 reductions (1280-channel GEMMs, sums over every token) make the fixed
+    tolerance of ``assert_same`` depend on the CPU's summation order."""
+    (out_a, grads_a), (out_b, grads_b), (out_x, grads_x) = ref, got, exact
+    for name, a, b, x in [("output", out_a, out_b, out_x)] + [
+            (f"parameter {i}", *t) for i, t in enumerate(zip(grads_a, grads_b, grads_x))]:
+        x = x.to(a.dtype)
+        err, upstream_err = (b - x).abs().max().item(), (a - x).abs().max().item()
+        floor = 1e-6 * max(x.abs().max().item(), 1.0)
+        assert err <= 2 * upstream_err + floor, f"{name}: error {err:.3g} vs upstream's {upstream_err:.3g}"
+
+
+def check_family(family, frames, backend, train, fused_ops, fp64_reference=False, **options):
+    """Patched vs unpatched outputs and gradients: within ``TOL``, or, with ``fp64_reference``,
+    against the float64 model by ``assert_as_close_as_upstream``."""
     model, forward, x = FAMILIES[family](frames, **options)
     model.train(train)
     ref = run(model, forward, x)
+    exact = run(copy.deepcopy(model).double(), forward, x.double()) if fp64_reference else None
     tk.patch(model, backend=backend)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # fused: no fallback warning
         got = run(model, forward, x)
-    assert_same(ref, got)
+    if fp64_reference:
+        assert_as_close_as_upstream(ref, got, exact)
+    else:
+        assert_same(ref, got)
     assert len(fused_ops) == FUSED_OPS[family]
 
 
@@ -152,8 +172,9 @@ def test_matches_unpatched_triton(family, frames, train, fused_ops):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_head_dim_160(backend, fused_ops):
     """AnimateDiff SD 1.5's deepest motion modules: 8 heads over 1280 channels, head dim 160.
-    With backend "triton" this needs the Triton kernels' head dims up to 256."""
-    check_family("animatediff", 16, backend, True, fused_ops, head_dim=160, heads=1)
+    With backend "triton" this needs the Triton kernels' head dims up to 256. Its fp32 rounding
+    (a gradient element off by 2.3e-4 on one CPU, within 2e-4 on another) is judged against float64."""
+    check_family("animatediff", 16, backend, True, fused_ops, fp64_reference=True, head_dim=160, heads=1)
 
 
 def tiny_unet():
@@ -193,7 +214,7 @@ def test_state_dict_and_unpatch():
     after = unet.state_dict()
     assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
     tk.unpatch(unet)
-    assert not [m for m in unet.modules() if "forward" in m.__dict__ or _common.ORIGINAL_ATTR in m.__dict__]
+    assert not [m for m in unet.modules() if "forward" in m.__dict__]
     assert patch_summary(unet) == {}
     assert torch.equal(unet(sample, torch.tensor([10]), text).sample, ref)
 
@@ -444,3 +465,14 @@ def test_channel_first_linears_match_nn_linear(direction, features_out, pixels):
     for got, want in zip(torch.autograd.grad(fused, (x, lin.weight, lin.bias), grad),
                          torch.autograd.grad(ref, (x, lin.weight, lin.bias), grad)):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_auto_on_cpu_runs_the_original(family, fused_ops, fallback_warnings):
+    """backend "auto" on CPU tensors: diffusers' own code (faster there, README "On the CPU"),
+    silently; an explicit backend="torch" still fuses (the tests above)."""
+    model, forward, x = FAMILIES[family](6)
+    ref = run(model, forward, x)
+    tk.patch(model)  # backend="auto"
+    assert_same(ref, run(model, forward, x), exact=True)
+    assert not fused_ops and not fallback_warnings()

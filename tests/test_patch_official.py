@@ -12,7 +12,7 @@ from bf16_check import assert_kernels_ran, check_patched_bf16
 
 import timesformer_kernels as tk
 from official_block import Block, TinyTimeSformer
-from timesformer_kernels.integrations import _common, official, patch_summary
+from timesformer_kernels.integrations import official, patch_summary
 
 TOL = dict(atol=2e-4, rtol=2e-4)
 HEIGHT, WIDTH = 2, 3  # a non-square patch grid: N = 6
@@ -114,8 +114,7 @@ def test_patch_twice_and_unpatch():
     assert patch_summary(model) == {"official": 2}
     assert_same(ref, run(model, x, 3))
     tk.unpatch(model)
-    assert all("forward" not in b.__dict__ and _common.ORIGINAL_ATTR not in b.__dict__
-               for b in model.blocks)
+    assert all("forward" not in b.__dict__ for b in model.blocks)
     assert patch_summary(model) == {}
     assert_same(ref, run(model, x, 3), exact=True)
 

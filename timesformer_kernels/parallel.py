@@ -65,10 +65,12 @@ class FrameSplit:
         if self.rank < 0:
             raise ValueError("group: this process is not a member of the group")
 
-    def __reduce_ex__(self, protocol):  # what copy.deepcopy and pickle call
-        raise TypeError("a context-parallel model holds a process group and hooks bound to it: it cannot be "
-                        "copied or pickled (copy it, e.g. for an EMA, before tk.context_parallel, or its "
-                        "state_dict; tk.unpatch undoes the context parallelism)")
+    def __deepcopy__(self, memo):
+        return self  # a copy (of a model: an EMA) splits its frames over the same group
+
+    def __reduce_ex__(self, protocol):  # what pickle calls
+        raise TypeError("a context-parallel model holds a process group: it cannot be pickled (save its "
+                        "state_dict, or pickle the model before tk.context_parallel; tk.unpatch undoes it)")
 
     # ------------------------------------------------------------------ frames
     def local_frames(self, frames: int) -> int:

@@ -49,9 +49,16 @@ parameter's gradient *averaged over the group* is its true gradient:
 
 Drop-path in training draws its masks on every rank: the ranks' random generators must agree
 (seed them alike and draw from them alike), as the layers of one rank see only its frames.
+
+The fused forwards keep tk.patch's checks at every call, but the original code cannot run on a
+split of the frames: where a patched model would run it (a fallback, backend "auto" on CPU
+tensors), a context-parallel one raises ValueError for a fallback and runs the fused code for
+"auto". ``copy.deepcopy`` of the model (an EMA) is context-parallel over the same group;
+pickling it raises TypeError (a process group is not data: save the state_dict).
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from collections import defaultdict
 from functools import partial
@@ -62,7 +69,7 @@ from torch import nn
 
 from ..parallel import FrameSplit
 from . import diffusers, huggingface, official
-from ._common import ORIGINAL_ATTR, SPLIT_ATTR
+from ._common import fused_forward_of
 
 STATE_ATTR = "_tk_context_parallel"  # on the model: what context_parallel installed, for tk.unpatch
 _BUCKET_BYTES = 25 * 2**20  # gradient all-reduce bucket, like DDP's default
@@ -100,7 +107,7 @@ def context_parallel(model: nn.Module, group=None, reduce_grads: bool = True) ->
     for family, root in roots:
         family.wire(root, state)
     if reduce_grads:
-        state.average_gradients(model)
+        state.average_gradients([p for p in model.parameters() if p.requires_grad])
     model.__dict__[STATE_ATTR] = state
     return model
 
@@ -113,19 +120,34 @@ def undo(model: nn.Module) -> None:
 
 
 class _State:
-    """The hooks and attributes context_parallel installed, so that they can be removed."""
+    """What context_parallel installed in a model, so that it can be removed: the split of the
+    fused forwards, the hooks that shard and gather, the gradient averaging."""
 
     def __init__(self, split: FrameSplit):
-        self.split, self.handles, self.modules = split, [], []
+        self.split = split
+        self.fused: list = []  # the FusedForwards running on this rank's frames
+        self.handles: list = []  # of the forward hooks
         self.params: list = []  # those whose gradients are averaged
+        self.grad_handles: list = []  # of their post-accumulate-grad hooks
         self.pending: list = []  # those whose gradient this backward produced
         self.average_queued = False
+
+    def __deepcopy__(self, memo):
+        """The state of a deep copy of the model (an EMA): the same group (``FrameSplit`` copies
+        share it), the copy's fused forwards and forward hooks (copied with its modules, so these
+        handles, copied through ``memo``, remove the copy's), and the averaging on the copy's
+        parameters (a copied tensor has no hooks)."""
+        state = _State(self.split)
+        state.fused, state.handles = copy.deepcopy(self.fused, memo), copy.deepcopy(self.handles, memo)
+        state.average_gradients(copy.deepcopy(self.params, memo))
+        return state
 
     def set_split(self, modules) -> None:
         """The fused forwards of ``modules`` run on this rank's frames from now on."""
         for module in modules:
-            module.__dict__[SPLIT_ATTR] = self.split
-            self.modules.append(module)
+            fused = fused_forward_of(module)
+            fused.split = self.split
+            self.fused.append(fused)
 
     def hook(self, first: nn.Module, pre, last: nn.Module, post) -> None:
         """``pre(split, first, arguments)`` edits the bound arguments of ``first``'s forward before it
@@ -135,15 +157,16 @@ class _State:
         self.handles.append(last.register_forward_hook(partial(_post, post, self.split), with_kwargs=True))
 
     def remove(self) -> None:
-        for handle in self.handles:
+        for handle in self.handles + self.grad_handles:
             handle.remove()
-        for module in self.modules:
-            module.__dict__.pop(SPLIT_ATTR, None)
+        for fused in self.fused:
+            fused.split = None
 
     # ------------------------------------------------------------------ gradients
-    def average_gradients(self, model: nn.Module) -> None:
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.handles += [p.register_post_accumulate_grad_hook(self._ready) for p in self.params]
+    def average_gradients(self, params: list) -> None:
+        """Average the gradients of ``params`` over the group at the end of every backward."""
+        self.params = params
+        self.grad_handles = [p.register_post_accumulate_grad_hook(self._ready) for p in params]
 
     def _ready(self, param: torch.Tensor) -> None:
         self.pending.append(param)
@@ -219,7 +242,8 @@ def _map_tensors(value, fn):
 
 def _require_patched(root: nn.Module, layers, family, what: str) -> None:
     """ValueError naming the ``layers`` of ``root`` that tk.patch did not fuse with ``family``."""
-    unpatched = [i for i, layer in enumerate(layers) if not (family.matches(layer) and ORIGINAL_ATTR in layer.__dict__)]
+    fused = [fused_forward_of(layer) for layer in layers]
+    unpatched = [i for i, f in enumerate(fused) if f is None or not f.active or f.family != family.KIND]
     if unpatched or not layers:
         which = f"{what} {unpatched}" if unpatched else f"the {what}"
         raise ValueError(f"model: {which} of {type(root).__name__} are not patched by tk.patch (call tk.patch(model) "

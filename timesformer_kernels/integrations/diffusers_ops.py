@@ -80,6 +80,31 @@ class _LinearToChannels(torch.autograd.Function):
         return dh, dw, db
 
 
+class _ZeroGradients(torch.autograd.Function):
+    """``x`` unchanged; each of ``unused`` (tensors upstream's code uses but whose gradient is
+    exactly zero there) gets a zero gradient, so that autograd, DDP and optimizers see them used
+    as upstream's, without computing what they would feed."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, *unused: Tensor) -> Tensor:
+        ctx.specs = [(u.shape, u.dtype, u.device) for u in unused]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        zeros = tuple(torch.zeros(shape, dtype=dtype, device=device) if needed else None
+                      for (shape, dtype, device), needed in zip(ctx.specs, ctx.needs_input_grad[1:]))
+        return (grad,) + zeros
+
+
+def with_zero_gradients(x: Tensor, modules) -> Tensor:
+    """``x``, with the parameters of ``modules`` in the graph and a zero gradient each."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    if not params or not torch.is_grad_enabled():
+        return x
+    return _ZeroGradients.apply(x, *params)
+
+
 def _params(linear: nn.Linear, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
     return linear.weight.to(dtype), None if linear.bias is None else linear.bias.to(dtype)
 
@@ -112,7 +137,8 @@ def group_norm_clips(x: Tensor, batch: int, frames: int, norm: nn.GroupNorm, spl
     g = norm.num_groups
     view = x.view(batch, frames, g, c // g, s)
     var, mean = torch.var_mean(view, dim=(1, 3, 4), correction=0, keepdim=True)  # (B, 1, G, 1, 1)
-    var, mean = var.to(stats_dtype(x.dtype)), mean.to(stats_dtype(x.dtype))  # fp32, fp64 for fp64 x
+    dtype = stats_dtype(x.dtype)  # fp32 statistics, fp64 for fp64 inputs
+    var, mean = var.to(dtype), mean.to(dtype)
     if split is not None:
         local = mean
         mean = split.sum(local) / split.size
@@ -120,9 +146,9 @@ def group_norm_clips(x: Tensor, batch: int, frames: int, norm: nn.GroupNorm, spl
     scale = torch.rsqrt(var + norm.eps)
     shift = -mean * scale
     if norm.affine:
-        weight = norm.weight.to(scale.dtype).view(1, 1, g, c // g, 1)
+        weight = norm.weight.to(dtype).view(1, 1, g, c // g, 1)
         scale = scale * weight
-        shift = shift * weight + norm.bias.to(scale.dtype).view(1, 1, g, c // g, 1)
+        shift = shift * weight + norm.bias.to(dtype).view(1, 1, g, c // g, 1)
     return torch.addcmul(shift.to(x.dtype), view, scale.to(x.dtype)).view(bf, c, s)
 
 
@@ -192,7 +218,8 @@ def svd_block(block: nn.Module, h: Tensor, frames: int, context: Tensor | None, 
     ``context`` is upstream's per-pixel time context (B·S, 1, C_ctx) or None. Attention to a
     single key is softmax weight 1 exactly, so the cross-attention is to_out(value(context)) per
     pixel (value: to_v, or the v half of to_kv with the fused processor), added to all its
-    frames; query and key do not reach the output (their gradients are zero upstream too).
+    frames. Query and key do not reach the output: upstream's norm2, to_q and to_k get exact zero
+    gradients (softmax over one key), which ``with_zero_gradients`` gives them here.
     """
     residual = h
     h = block.ff_in(block.norm_in(h))
@@ -208,6 +235,7 @@ def svd_block(block: nn.Module, h: Tensor, frames: int, context: Tensor | None, 
             fused = DEFAULT_PROCESSORS[type(attn.processor).__name__]
             value = attn.to_kv(context).chunk(2, dim=-1)[1] if fused else attn.to_v(context)
             out = attn.to_out[1](attn.to_out[0](value))  # (B·S, 1, C)
+            out = with_zero_gradients(out, (block.norm2, attn.to_q) if fused else (block.norm2, attn.to_q, attn.to_k))
             h = (h.view(b, frames, length // frames, c) + out.view(b, 1, length // frames, c)).view(b, length, c)
     out = block.ff(block.norm3(h))
     return out + h if block.is_res else out

@@ -19,11 +19,15 @@ Drop-path masks are drawn with ``torch.rand`` in the same shapes and order as
 (``model.gradient_checkpointing_enable()``) keeps working: the fused layer is checkpointed the
 same way as the original.
 
-Calls the fused path cannot reproduce run the original forward, with a warning once:
-``output_attentions=True`` (the fused kernels keep no probabilities), dropout active in
-training in either attention (``attention_probs_dropout_prob`` or ``hidden_dropout_prob``
-> 0), any extra argument that is not its default (head masks of other versions), or an
-unrecognised drop-path module. The attention's ``scale`` is read at each call.
+Checked at every call (``matches``, ``unsupported``): the attention submodules still run
+``TimeSformerAttention`` / ``TimesformerSelfAttention`` / ``TimesformerSelfOutput``'s forward
+(the fused path replaces those, and calls the Linears, norms, intermediate and output as
+modules, so peft/LoRA-wrapped Linears stay fused) and carry no hooks. Calls the fused path
+cannot reproduce run the original forward, with a warning once: ``output_attentions=True``
+(the fused kernels keep no probabilities), dropout active in training in either attention
+(``attention_probs_dropout_prob`` or ``hidden_dropout_prob`` > 0), any extra argument that is
+not its default (head masks of other versions), or an unrecognised drop-path module. The
+attention's ``scale`` is read at each call.
 """
 from __future__ import annotations
 
@@ -33,13 +37,18 @@ from typing import Optional
 
 import torch
 
-from ._common import (active_dropout, bind_arguments, divided_block, drop_path_prob, frame_split, local_frames,
-                      original_forward, run_original)
+from ._common import (active_dropout, bind_arguments, class_named, divided_block, drop_path_prob,
+                      forward_class, has_attributes, hooks_reason, signature_of)
 
 KIND = "huggingface"
+CPU_AUTO = "fused_without_grad"  # backend "auto" on CPU tensors (README, "On the CPU")
 _CLASS = "TimesformerLayer"
 _PARTS = ("temporal_layernorm", "temporal_attention", "temporal_dense", "layernorm_before", "attention",
           "layernorm_after", "intermediate", "output", "drop_path", "config")
+# The submodules whose forward the fused path replaces: (class whose forward they run, attributes it reads).
+_ATTENTION = ("TimeSformerAttention", ("attention", "output"))
+_SELF_ATTENTION = ("TimesformerSelfAttention", ("qkv", "num_heads", "scale", "attn_drop"))
+_SELF_OUTPUT = ("TimesformerSelfOutput", ("dense", "dropout"))
 
 
 def _attention_type(module) -> Optional[str]:
@@ -47,19 +56,41 @@ def _attention_type(module) -> Optional[str]:
     return getattr(module, "attention_type", getattr(config, "attention_type", None))
 
 
+def _is(module, spec) -> bool:
+    name, attributes = spec
+    return forward_class(module) == name and has_attributes(module, attributes)
+
+
+def _attention_ok(attention) -> bool:
+    return (_is(attention, _ATTENTION) and _is(attention.attention, _SELF_ATTENTION)
+            and _is(attention.output, _SELF_OUTPUT))
+
+
 def matches(module) -> bool:
-    if not any(cls.__name__ == _CLASS for cls in type(module).__mro__):
+    if class_named(module, (_CLASS,)) is None:
         return False
     if _attention_type(module) != "divided_space_time":
         return False
     if getattr(getattr(module, "config", None), "attention_type", "divided_space_time") != "divided_space_time":
         return False
-    return all(hasattr(module, part) for part in _PARTS)
+    if signature_of(type(module).forward) is None or not has_attributes(module, _PARTS):
+        return False
+    return _attention_ok(module.temporal_attention) and _attention_ok(module.attention)
 
 
-def _fallback_reason(layer, arguments: dict, signature: inspect.Signature, hidden_name: str):
+def unsupported(layer):
+    """Hooks on the submodules the fused path does not call (it calls the Linears and norms)."""
+    ta, sa = layer.temporal_attention, layer.attention
+    return hooks_reason(KIND, (("temporal_attention", ta), ("temporal_attention.attention", ta.attention),
+                               ("temporal_attention.output", ta.output), ("attention", sa),
+                               ("attention.attention", sa.attention), ("attention.output", sa.output),
+                               ("drop_path", layer.drop_path)))
+
+
+def _fallback_reason(fused, arguments: dict, signature: inspect.Signature, hidden_name: str):
     """(key, message) of a warned fallback, (None, "") for a silent one (the original raises
     or must decide), (None, None) when the fused path runs."""
+    layer = fused.module
     for name, value in arguments.items():
         if name in ("self", hidden_name):
             continue
@@ -92,7 +123,7 @@ def _fallback_reason(layer, arguments: dict, signature: inspect.Signature, hidde
     if frames < 1 or patch < 1 or image // patch < 1:
         return None, ""
     tokens = hidden.shape[1] - 1
-    frames = local_frames(layer, frames)
+    frames = fused.local_frames(frames)
     width = image // patch
     height = (tokens // frames) // width
     if height < 1 or height * width * frames != tokens:
@@ -109,7 +140,8 @@ def _fallback_reason(layer, arguments: dict, signature: inspect.Signature, hidde
     return None, None
 
 
-def _fused_layer(layer, hidden: torch.Tensor, backend: str):
+def _fused_layer(fused, hidden: torch.Tensor):
+    layer = fused.module
     prob = drop_path_prob(layer.drop_path)
     ta, sa = layer.temporal_attention, layer.attention
     temporal = (layer.temporal_layernorm, ta.attention.qkv, ta.output.dense, layer.temporal_dense,
@@ -117,25 +149,24 @@ def _fused_layer(layer, hidden: torch.Tensor, backend: str):
     spatial = (layer.layernorm_before, sa.attention.qkv, sa.output.dense, sa.attention.num_heads,
                sa.attention.scale, prob)
     mlp = (layer.layernorm_after, lambda h: layer.output(layer.intermediate(h)), layer.drop_path, prob)
-    return (divided_block(hidden, local_frames(layer, layer.config.num_frames), temporal, spatial, mlp, backend,
-                          frame_split(layer)),)
+    return (divided_block(hidden, fused.local_frames(layer.config.num_frames), temporal, spatial, mlp, fused.backend,
+                          fused.split),)
 
 
-def fused_forward(module, backend: str):
-    signature = inspect.signature(type(module).forward)  # follows functools.wraps to the layer's own
+def forward(fused, args: tuple, kwargs: dict):
+    layer = fused.module
+    signature = signature_of(type(layer).forward)  # follows functools.wraps to the layer's own
     hidden_name = list(signature.parameters)[1]
-
-    def forward(self, *args, **kwargs):
-        arguments = bind_arguments(signature, self, args, kwargs)
-        if arguments is None:
-            return original_forward(self)(*args, **kwargs)  # raises the original's own error
-        key, message = _fallback_reason(self, arguments, signature, hidden_name)
-        if message is not None:
-            return run_original(self, key, message, args, kwargs)
-        hidden = arguments[hidden_name]
-        # Mirror GradientCheckpointingLayer: the class forward it wraps is bypassed by patching.
-        if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
-            return self._gradient_checkpointing_func(functools.partial(_fused_layer, self, backend=backend), hidden)
-        return _fused_layer(self, hidden, backend)
-
-    return forward
+    arguments = bind_arguments(signature, layer, args, kwargs)
+    if arguments is None:
+        return fused.original()(*args, **kwargs)  # raises the original's own error
+    key, message = _fallback_reason(fused, arguments, signature, hidden_name)
+    if message is not None:
+        return fused.run_original(key, message, args, kwargs)
+    hidden = arguments[hidden_name]
+    if fused.runs_original_on_cpu(hidden):
+        return fused.original()(*args, **kwargs)
+    # Mirror GradientCheckpointingLayer: the class forward it wraps is bypassed by patching.
+    if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+        return layer._gradient_checkpointing_func(functools.partial(_fused_layer, fused), hidden)
+    return _fused_layer(fused, hidden)

@@ -28,7 +28,6 @@ as is, on the same tensor as the original, so its dropout draws are the same.
 """
 from __future__ import annotations
 
-import inspect
 from typing import Optional
 
 import torch
@@ -36,31 +35,35 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import temporal_attention
-from ._common import run_original
+from ._common import class_named, signature_of
 
 KIND = "lucidrains"
+CPU_AUTO = "fused_without_grad"  # backend "auto" on CPU tensors (README, "On the CPU")
 TIME = ("b (f n) d", "(b n) f d", "n")  # (einops_from, einops_to, the one einops_dims key)
 SPACE = ("b (f n) d", "(b f) n d", "f")
 _FORWARD_ARGS = ("x", "einops_from", "einops_to", "mask", "cls_mask", "rot_emb")
 
 
 def matches(module: nn.Module) -> bool:
-    if type(module).__name__ != "Attention":
+    if class_named(module, ("Attention",)) is None:  # anywhere in the MRO: FSDP2 subclasses it
         return False
     heads, to_qkv = getattr(module, "heads", None), getattr(module, "to_qkv", None)
     if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
         return False
-    if not isinstance(to_qkv, nn.Linear) or to_qkv.out_features % (3 * heads):
+    features = getattr(to_qkv, "out_features", None)  # called as a module: an nn.Linear or a peft/LoRA wrapper
+    if not isinstance(to_qkv, nn.Module) or not isinstance(features, int) or features % (3 * heads):
         return False
     if not isinstance(getattr(module, "to_out", None), nn.Module):
         return False
     if not isinstance(getattr(module, "scale", None), float):
         return False
-    try:
-        params = inspect.signature(type(module).forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return all(a in params for a in _FORWARD_ARGS)
+    signature = signature_of(type(module).forward)
+    return signature is not None and all(a in signature.parameters for a in _FORWARD_ARGS)
+
+
+def unsupported(module: nn.Module):
+    """None: the fused path calls to_qkv and to_out as modules, and bypasses nothing else."""
+    return None
 
 
 class _Plan:
@@ -167,23 +170,28 @@ def _with_rotary(qkv: Tensor, plan: _Plan, heads: int, sin: Tensor, cos: Tensor)
     return new
 
 
-def fused_forward(module: nn.Module, backend: str):
-    def forward(self, x, einops_from, einops_to, mask=None, cls_mask=None, rot_emb=None, **einops_dims):
-        plan = _plan(self, x, einops_from, einops_to, mask, cls_mask, rot_emb, einops_dims)
-        if not isinstance(plan, _Plan):
-            return run_original(self, *plan, (x, einops_from, einops_to),
-                                dict(mask=mask, cls_mask=cls_mask, rot_emb=rot_emb, **einops_dims))
-        h = self.heads
-        qkv = self.to_qkv(x)
-        cls_out = _cls_attention(qkv, h, self.scale, cls_mask)
-        if rot_emb is not None:
-            qkv = _with_rotary(qkv, plan, h, *rot_emb)
-        if plan.time:
-            out = temporal_attention(qkv, plan.t, h, scale=self.scale, token_order="time_major", with_cls=True,
-                                     backend=backend)
-        else:
-            out = temporal_attention(qkv, plan.n, h, scale=self.scale, token_order="space_major", with_cls=True,
-                                     backend=backend)
-        return self.to_out(torch.cat((cls_out, out), 1))
+def forward(fused, args: tuple, kwargs: dict):
+    return _forward(fused, *args, **kwargs)
 
-    return forward
+
+def _forward(fused, x, einops_from, einops_to, mask=None, cls_mask=None, rot_emb=None, **einops_dims):
+    module = fused.module
+    plan = _plan(module, x, einops_from, einops_to, mask, cls_mask, rot_emb, einops_dims)
+    if not isinstance(plan, _Plan):
+        return fused.run_original(*plan, (x, einops_from, einops_to),
+                                  dict(mask=mask, cls_mask=cls_mask, rot_emb=rot_emb, **einops_dims))
+    if fused.runs_original_on_cpu(x):
+        return fused.original()(x, einops_from, einops_to, mask=mask, cls_mask=cls_mask, rot_emb=rot_emb,
+                                **einops_dims)
+    h, backend = module.heads, fused.backend
+    qkv = module.to_qkv(x)
+    cls_out = _cls_attention(qkv, h, module.scale, cls_mask)
+    if rot_emb is not None:
+        qkv = _with_rotary(qkv, plan, h, *rot_emb)
+    if plan.time:
+        out = temporal_attention(qkv, plan.t, h, scale=module.scale, token_order="time_major", with_cls=True,
+                                 backend=backend)
+    else:
+        out = temporal_attention(qkv, plan.n, h, scale=module.scale, token_order="space_major", with_cls=True,
+                                 backend=backend)
+    return module.to_out(torch.cat((cls_out, out), 1))

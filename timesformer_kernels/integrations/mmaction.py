@@ -1,7 +1,9 @@
 """Swap-in for mmaction2's divided space-time attention (``models/common/transformer.py``).
 
 ``DividedTemporalAttentionWithNorm`` and ``DividedSpatialAttentionWithNorm`` are matched by
-class name and structure (so it works however mmaction2 was imported, even file by file).
+class name anywhere in the MRO (so it works however mmaction2 was imported, even file by file,
+and under FSDP2's subclass) and structure; at every call the attention must still be
+``nn.MultiheadAttention``'s own maths (a peft/LoRA wrapper falls back) without hooks.
 Both hold a norm, a packed ``nn.MultiheadAttention`` (``in_proj_weight``/``in_proj_bias`` is
 the qkv Linear with its output laid out (3, H, Dh), ``out_proj`` the projection),
 ``proj_drop`` (nn.Dropout), ``dropout_layer`` (mmcv's DropPath by default) and, temporal only,
@@ -37,18 +39,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import spatial_attention, temporal_attention
-from ._common import run_original
+from ._common import bind_arguments, class_named, hooks_reason, signature_of
 
 KIND = "mmaction"
+CPU_AUTO = "fused_without_grad"  # backend "auto" on CPU tensors (README, "On the CPU")
 TEMPORAL = "DividedTemporalAttentionWithNorm"
 SPATIAL = "DividedSpatialAttentionWithNorm"
 
 
+def _kind(module: nn.Module) -> Optional[str]:
+    """TEMPORAL or SPATIAL: the first class in module's MRO with one of the two names (FSDP2 and
+    other wrappers subclass the module's class), else None."""
+    cls = class_named(module, (TEMPORAL, SPATIAL))
+    return None if cls is None else cls.__name__
+
+
 def matches(module: nn.Module) -> bool:
-    name = type(module).__name__
-    if name not in (TEMPORAL, SPATIAL):
+    name = _kind(module)
+    if name is None:
         return False
-    if not isinstance(getattr(module, "attn", None), nn.MultiheadAttention):
+    if not isinstance(getattr(module, "attn", None), nn.Module) or signature_of(type(module).forward) is None:
         return False
     if not all(isinstance(getattr(module, a, None), nn.Module) for a in ("norm", "proj_drop", "dropout_layer")):
         return False
@@ -88,7 +98,7 @@ def _unsupported(module: nn.Module, query, residual) -> Optional[tuple]:
     if t < 1 or patches < t or patches % t or query.shape[0] == 0:
         return None, ""
     attn = module.attn
-    name = type(module).__name__
+    name = _kind(module)
     if attn.embed_dim != query.shape[-1]:
         return None, ""
     if attn.batch_first or not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn:
@@ -185,15 +195,35 @@ def _spatial_fused(self: nn.Module, query: Tensor, backend: str) -> Tensor:
 
 
 # ------------------------------------------------------------------------- forward
-def fused_forward(module: nn.Module, backend: str):
-    fused = _temporal_fused if type(module).__name__ == TEMPORAL else _spatial_fused
+def unsupported(module: nn.Module):
+    """An attention that is not nn.MultiheadAttention's own maths (the fused path reads its
+    projections as weights: a peft/LoRA wrapper, a subclass), or hooks on the submodules the
+    fused path does not call: the attention and, in the spatial module, the dropouts whose
+    masks it draws itself."""
+    attn = module.attn
+    if not isinstance(attn, nn.MultiheadAttention) or type(attn).forward is not nn.MultiheadAttention.forward:
+        return (f"mmaction.attn.{type(attn).__name__}",
+                f"timesformer_kernels: {type(module).__name__} with attention {type(attn).__name__} (fused: "
+                "nn.MultiheadAttention, whose projections it reads; peft/LoRA wrappers are not): running the original "
+                "forward")
+    bypassed = [("attn", module.attn), ("attn.out_proj", module.attn.out_proj)]
+    if _kind(module) == SPATIAL:
+        bypassed += [("proj_drop", module.proj_drop), ("dropout_layer", module.dropout_layer)]
+    return hooks_reason(KIND, bypassed)
 
-    def forward(self, query, key=None, value=None, residual=None, **kwargs):
-        # key, value and the keyword arguments (query_pos, attn_mask, ...) are ignored by the
-        # original too: it always attends query to itself.
-        reason = _unsupported(self, query, residual)
-        if reason is not None:
-            return run_original(self, *reason, (query, key, value, residual), kwargs)
-        return fused(self, query, backend)
 
-    return forward
+def forward(fused, args: tuple, kwargs: dict):
+    # key, value and the keyword arguments (query_pos, attn_mask, ...) are ignored by the
+    # original too: it always attends query to itself.
+    module = fused.module
+    arguments = bind_arguments(signature_of(type(module).forward), module, args, kwargs)
+    if arguments is None:
+        return fused.original()(*args, **kwargs)  # raises the original's own error
+    query, residual = arguments.get("query"), arguments.get("residual")
+    reason = _unsupported(module, query, residual)
+    if reason is not None:
+        return fused.run_original(*reason, args, kwargs)
+    if fused.runs_original_on_cpu(query):
+        return fused.original()(*args, **kwargs)
+    fused_fn = _temporal_fused if _kind(module) == TEMPORAL else _spatial_fused
+    return fused_fn(module, query, fused.backend)

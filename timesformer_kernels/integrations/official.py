@@ -3,8 +3,10 @@
 Users vendor the official ``vit.py`` under many names, so a block is recognised by its
 structure, not its class: ``attention_type == 'divided_space_time'``, the submodules
 temporal_norm1, temporal_attn (qkv, proj), temporal_fc, norm1, attn (qkv, proj), norm2, mlp,
-drop_path, attention modules holding no parameters besides qkv and proj, and a
-``forward(x, B, T, W)``.
+drop_path, attention modules holding no parameters besides those of qkv and proj (which the
+fused path calls as modules: a peft/LoRA-wrapped qkv is fine), and a ``forward(x, B, T, W)``.
+The structure is checked again at every call, with the hooks of the attention and drop-path
+modules the fused path does not call.
 
 The fused forward computes, with x of shape (B, 1 + N·T, D), patches space-major::
 
@@ -31,21 +33,20 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._common import (active_dropout, bind_arguments, divided_block, drop_path_prob, frame_split, local_frames,
-                      original_forward, run_original)
+from ._common import active_dropout, bind_arguments, divided_block, drop_path_prob, hooks_reason, signature_of
 
 KIND = "official"
+CPU_AUTO = "fused_without_grad"  # backend "auto" on CPU tensors (README, "On the CPU")
 
 _BLOCK_PARTS = ("temporal_norm1", "temporal_attn", "temporal_fc", "norm1", "attn", "norm2", "mlp", "drop_path")
-_ATTN_PARAMS = {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias"}
+_ATTN_PARTS = {"qkv", "proj"}  # called as modules: a peft/LoRA-wrapped qkv or proj is fine
 
 
 # ------------------------------------------------------------------------- the swap-in
 def _signature(module: nn.Module) -> Optional[inspect.Signature]:
     """The class forward's signature when it is ``forward(self, x, B, T, W)``-shaped, else None."""
-    try:
-        signature = inspect.signature(type(module).forward)
-    except (TypeError, ValueError):
+    signature = signature_of(type(module).forward)
+    if signature is None:
         return None
     params = list(signature.parameters.values())
     if len(params) != 5 or any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params):
@@ -62,7 +63,7 @@ def _attention_like(attn) -> bool:
     if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
         return False
     # Nothing that would change the maths (q/k norms, relative positions...) may hide inside.
-    return {name for name, _ in attn.named_parameters()} <= _ATTN_PARAMS
+    return all(name.split(".", 1)[0] in _ATTN_PARTS for name, _ in attn.named_parameters())
 
 
 def matches(module) -> bool:
@@ -76,9 +77,10 @@ def matches(module) -> bool:
     return _signature(module) is not None
 
 
-def _fallback_reason(block, x, batch, frames, width) -> tuple[Optional[str], Optional[str]]:
+def _fallback_reason(fused, x, batch, frames, width) -> tuple[Optional[str], Optional[str]]:
     """(key, message) of a warned fallback, (None, "") for a silent one (the original raises),
     (None, None) when the fused path runs."""
+    block = fused.module
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         return None, ""
     try:
@@ -87,7 +89,7 @@ def _fallback_reason(block, x, batch, frames, width) -> tuple[Optional[str], Opt
         return None, ""
     if frames < 1 or width < 1 or x.shape[0] != batch:
         return None, ""
-    frames = local_frames(block, frames)
+    frames = fused.local_frames(frames)
     tokens = x.shape[1] - 1
     height = (tokens // frames) // width
     if height < 1 or height * width * frames != tokens:
@@ -104,22 +106,26 @@ def _fallback_reason(block, x, batch, frames, width) -> tuple[Optional[str], Opt
     return None, None
 
 
-def fused_forward(module, backend: str):
-    signature = _signature(module)
+def unsupported(block):
+    """Hooks on the submodules the fused path does not call (it calls qkv, proj, norms, mlp)."""
+    return hooks_reason(KIND, (("temporal_attn", block.temporal_attn), ("attn", block.attn),
+                               ("drop_path", block.drop_path)))
 
-    def forward(self, *args, **kwargs):
-        arguments = bind_arguments(signature, self, args, kwargs)
-        if arguments is None:
-            return original_forward(self)(*args, **kwargs)  # raises the original's own error
-        _, x, batch, frames, width = arguments.values()
-        key, message = _fallback_reason(self, x, batch, frames, width)
-        if message is not None:
-            return run_original(self, key, message, args, kwargs)
-        prob = drop_path_prob(self.drop_path)
-        ta, sa = self.temporal_attn, self.attn
-        temporal = (self.temporal_norm1, ta.qkv, ta.proj, self.temporal_fc, ta.num_heads, ta.scale, prob)
-        spatial = (self.norm1, sa.qkv, sa.proj, sa.num_heads, sa.scale, prob)
-        return divided_block(x, local_frames(self, int(frames)), temporal, spatial,
-                             (self.norm2, self.mlp, self.drop_path, prob), backend, frame_split(self))
 
-    return forward
+def forward(fused, args: tuple, kwargs: dict):
+    block = fused.module
+    arguments = bind_arguments(_signature(block), block, args, kwargs)
+    if arguments is None:
+        return fused.original()(*args, **kwargs)  # raises the original's own error
+    _, x, batch, frames, width = arguments.values()
+    key, message = _fallback_reason(fused, x, batch, frames, width)
+    if message is not None:
+        return fused.run_original(key, message, args, kwargs)
+    if fused.runs_original_on_cpu(x):
+        return fused.original()(*args, **kwargs)
+    prob = drop_path_prob(block.drop_path)
+    ta, sa = block.temporal_attn, block.attn
+    temporal = (block.temporal_norm1, ta.qkv, ta.proj, block.temporal_fc, ta.num_heads, ta.scale, prob)
+    spatial = (block.norm1, sa.qkv, sa.proj, sa.num_heads, sa.scale, prob)
+    return divided_block(x, fused.local_frames(int(frames)), temporal, spatial,
+                         (block.norm2, block.mlp, block.drop_path, prob), fused.backend, fused.split)
