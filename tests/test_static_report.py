@@ -111,7 +111,8 @@ def test_autotuners_are_keyed_on_the_target_and_cached():
     """With Triton compiling (not interpreting): every autotuned kernel keys on TARGET and
     DOT_PRECISION and persists its results through Triton's cache, unless TK_AUTOTUNE_CACHE=0."""
     check = ("import timesformer_kernels.triton as t, triton, json; "
-             "a = [k for m in (t.temporal, t.spatial) for k in vars(m).values() if isinstance(k, triton.runtime.Autotuner)]; "
+             "a = [k for m in (t.temporal, t.spatial) for k in vars(m).values() "
+             "if isinstance(k, triton.runtime.Autotuner)]; "
              "print(json.dumps([len(a), all('TARGET' in k.keys and 'DOT_PRECISION' in k.keys for k in a), "
              "[k.cache_results for k in a]]))")
     n, keyed, cached = json.loads(_run("-c", check, timeout=300).stdout.strip().splitlines()[-1])

@@ -58,4 +58,5 @@ def _triton_configs(qkv: torch.Tensor, groups) -> str:
             counts += [f"{name} {len(configs)}" for name, configs in kernels.plan(g, x.dtype, x.device)]
         except backends.DoesNotFit as e:
             counts.append(str(e))
-    return f"triton configs per kernel on {entry.label}, {entry.mma}, {qkv.dtype} TimeSformer-base: " + ", ".join(counts)
+    where = f"{entry.label}, {entry.mma}, {qkv.dtype} TimeSformer-base"
+    return f"triton configs per kernel on {where}: " + ", ".join(counts)

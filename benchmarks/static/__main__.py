@@ -14,7 +14,7 @@ import re
 import sys
 import time
 
-COMMAND = "make static-report  # TRITON_INTERPRET=0 python -m benchmarks.static --out benchmarks/results/static, per venv"
+COMMAND = "make static-report  # per venv: TRITON_INTERPRET=0 python -m benchmarks.static --out DIR"
 DEFAULT_HEAD_DIMS = "40,64,80,128,160,256"  # kept where backends.TRITON_HEAD_DIMS has them
 # --quick, the CI subset: the fast path's targets and dtypes at a head dim of each tile width
 # class but the widest, the largest config each kernel keeps.

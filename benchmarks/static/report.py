@@ -174,9 +174,10 @@ def _header(folder: str, command: str, rows: list[dict], versions: list[str]) ->
         m = metas.get(v, {})
         lines.append(f"- Triton {v}: torch {m.get('torch', '?')}, bundled ptxas {m.get('ptxas', '?')}, "
                      f"cuobjdump {m.get('cuobjdump', '?')}; {m.get('compiles', '?')} distinct binaries compiled for "
-                     f"{m.get('rows', '?')} rows in {m.get('seconds', 0) / 60:.1f} min with {m.get('jobs', '?')} worker "
-                     f"process(es) ({m.get('scope', '')}).")
-    targets = ", ".join(f"{t.name} ({t.gpus}, {t.mma}, {t.smem_per_block:,} B per block)" for t in devices.TARGETS.values())
+                     f"{m.get('rows', '?')} rows in {m.get('seconds', 0) / 60:.1f} min with {m.get('jobs', '?')} "
+                     f"worker process(es) ({m.get('scope', '')}).")
+    targets = ", ".join(f"{t.name} ({t.gpus}, {t.mma}, {t.smem_per_block:,} B per block)"
+                        for t in devices.TARGETS.values())
     cases = "; ".join(f"{c.name}: {c.about} (B={c.batch}, T={c.frames}, N={c.patches}, H={c.heads})"
                       for c in aot.CASES.values())
     lines += ["",
@@ -308,7 +309,8 @@ def by_case(rows: list[dict]) -> str:
     for (k, case, t, d, dh), per in sorted(grouped.items(), key=order):
         if k != kernel:
             kernel = k
-            lines += ["", f"## `{k}`", "", "| case | target | dtype | Dh | configs kept | regs | spill B | smem B / limit |",
+            lines += ["", f"## `{k}`", "",
+                      "| case | target | dtype | Dh | configs kept | regs | spill B | smem B / limit |",
                       "|---|---|---|---|---|---|---|---|"]
         cells = []
         for v in versions:
@@ -336,7 +338,7 @@ def markdown(folder: str, command: str, ext: dict | None, ext_note: str) -> str:
     lines = _header(folder, command, rows, versions) + _summary(rows, versions) + _findings(rows) + _coverage(rows)
     lines += ["Every (kernel, case, target, dtype, head dim) with its kept configs and resources:",
               "[by-case.md](by-case.md).", ""]
-    compiled = [r for r in rows if not r["error"] and r["sass_loops"] != ""]  # SASS read (sweep.FULL_TARGETS)
+    compiled = [r for r in rows if not r["error"] and r["sass_loops"] != ""]  # SASS read (sweep.FULL_JOBS)
     loops_ok = sum(r["sass_loops"] == r["source_loops"] for r in compiled)
     mrows = model_rows(rows)
     chosen = best(mrows)
@@ -398,7 +400,8 @@ def markdown(folder: str, command: str, ext: dict | None, ext_note: str) -> str:
                          f"{_us(r['h100'].mufu_s)}, {_us(r['h100'].mma_s)}" + ("" if ok(r) else " (spills)"))
         lines.append(f"| {shape} | `{kernel}` | {cfg} | " + " | ".join(cells) + " |")
 
-    lines += ["", "## Resources per kernel on the fast path (TimeSformer-base, Dh 64, sm_90 and sm_80, bf16 and fp32)", "",
+    lines += ["", "## Resources per kernel on the fast path (TimeSformer-base, Dh 64, sm_90 and sm_80, bf16 and "
+              "fp32)", "",
               "Every kept config; the other targets, dtypes, head dims and cases: [by-case.md](by-case.md).",
               "regs per thread; spill = stack bytes per thread (STL count); smem = dynamic + static bytes per block;",
               "warps/SM = theoretical occupancy (0: does not fit); MMA in the hot loop (dup: MMA FLOPs issued / dot",

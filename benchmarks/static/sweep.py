@@ -59,16 +59,17 @@ def _ttgir_dot_flops(ttgir: str) -> int:
     return total
 
 
-FULL_TARGETS = ("sm_90", "sm_80")  # read whole (SASS too); the others' resources only (see analyse)
+# (target, dtype, head dim) of the jobs whose SASS is read too: the issue model's and the fast
+# path's resource tables; the others get resources only (what the failures need: reading SASS
+# is most of a cached compile's time).
+FULL_JOBS = {(t, d, 64) for t in ("sm_90", "sm_80") for d in ("bf16", "fp32")}
 
 
-def analyse(compiled: aot.Compiled, target: str, tools: dict) -> dict:
-    """Resources, occupancy, hot-loop features and issue-model counts of one compiled kernel;
-    resources and occupancy only outside FULL_TARGETS (what the failures need: a quarter of the
-    sweep's time goes to reading SASS)."""
+def analyse(compiled: aot.Compiled, target: str, tools: dict, full: bool = True) -> dict:
+    """Resources, occupancy, and with ``full`` hot-loop features and issue-model counts of one
+    compiled kernel."""
     kernel = compiled.kernel
     name = kernel.metadata.name
-    full = target in FULL_TARGETS
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
@@ -135,7 +136,7 @@ def largest(configs: list) -> list:
     return [max(configs, key=size)]
 
 
-def _compile(prepared: aot.Prepared, target: str, tools: dict) -> dict:
+def _compile(prepared: aot.Prepared, target: str, tools: dict, full: bool) -> dict:
     """The analysis of one binary, or its compile error (a finding, not a crash)."""
     try:
         compiled = aot.compile_prepared(prepared)
@@ -143,7 +144,7 @@ def _compile(prepared: aot.Prepared, target: str, tools: dict) -> dict:
         return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
     if devices.TARGETS[target].vendor == "hip":
         return analyse_amd(compiled, target)
-    return analyse(compiled, target, tools)
+    return analyse(compiled, target, tools, full)
 
 
 def run_job(job: Job, tools: dict, largest_only: bool = False, every: bool = False) -> list[dict]:
@@ -192,7 +193,8 @@ def _run_job(job: Job, tools: dict, largest_only: bool) -> list[dict]:
                 prepared = aot.prepare(launch, config, gpu_target)
                 key = prepared.key
                 if key not in binaries:
-                    binaries[key] = _compile(prepared, job.target, tools)
+                    binaries[key] = _compile(prepared, job.target, tools,
+                                             (job.target, job.dtype, job.head_dim) in FULL_JOBS)
                 row = {**base, "config": config_label(config), **binaries[key],
                        "binary": hashlib.sha1(repr(key).encode()).hexdigest()[:12],
                        "programs": math.prod(prepared.grid)}

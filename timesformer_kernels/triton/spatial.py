@@ -11,8 +11,9 @@ every logit comes out of the same tl.dot, so the forward and backward agree on i
 bit). Only the dK/dV kernel's query loop takes the cls query as a seed step with vector ops.
 
 Backward recomputes the probabilities from the saved log-sum-exp. Where every query of a
-group fits one tile (1 + 196 rows at TimeSformer-base) and Dh <= 64, where that kernel
-compiles clean for the target (sm_90, sm_100; 16-bit), one kernel does it all (``whole_group``): a program holds the group's queries, loops over its keys,
+group fits one tile (1 + 196 rows at TimeSformer-base), Dh <= 64 and that kernel compiles clean
+for the target (``pools.py``: sm_90 in 16-bit, every NVIDIA target for groups up to 128), one
+kernel does it all (``whole_group``): a program holds the group's queries, loops over its keys,
 accumulates dQ and stores each key block's dK and dV as soon as they are final, so qkv,
 out and dout are read once. Otherwise dQ and dK/dV are separate kernels. Either way each
 program owns the gradient rows it writes (no atomics). The cls token is shared by the G
@@ -62,7 +63,8 @@ def kept(kind: str, named: dict, dtype: torch.dtype) -> list[triton.Config]:
     pool = _POOLS[kind].get(pools.key(named["BLOCK_D"], dtype, named["DOT_PRECISION"]), [])
     if kind == "group":
         rows = named["BLOCK_M"]
-        pool = [e for e in pool if (e.config.num_warps == 8 and rows >= 128) or (e.config.num_warps == 4 and rows <= 128)]
+        pool = [e for e in pool
+                if (e.config.num_warps == 8 and rows >= 128) or (e.config.num_warps == 4 and rows <= 128)]
     return tuning.keep(_NAMES[kind], pool, target.by_key(named["TARGET"]), dtype, named["HEAD_DIM"])
 
 

@@ -46,8 +46,8 @@ _TUNE_KEY = ["S", "H", "HEAD_DIM", "CLS_KEY", "DOT_PRECISION", "TARGET"]  # + th
 
 def kept(kind: str, named: dict, dtype: torch.dtype) -> list[triton.Config]:
     """The configs kernel ``kind`` ("fwd", "bwd") tunes over for a launch of ``dtype``
-    (``named``: its arguments and constexprs): its pool for the launch's BLOCK_D and dtype (``pools.py``) on the
-    launch's target, tiles that hold at least one whole group, 128 rows only where nothing
+    (``named``: its constexprs): its pool for the launch's BLOCK_D and dtype (``pools.py``) on
+    the launch's target, tiles that hold at least one whole group, 128 rows only where nothing
     smaller does (at T = 8 they run one mostly masked program per SM). DoesNotFit when none is
     left."""
     t_pad = named["T_PAD"]
