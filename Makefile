@@ -18,8 +18,10 @@ test:  ## the whole test suite
 test-h200-stack:  ## the device-independent tests on the lent GPU machine's versions (torch 2.11, triton 3.6)
 	py=$(PY_H200) && $(CPU_TESTS)
 
+# The Python `make test` uses (bootstrap: .venv on a CPU machine, the preinstalled python3 on the
+# GPU image); gpu.sh builds the CUDA extension itself, for this GPU's arch only.
 gpu:  ## on a GPU machine: build, GPU tests and the full benchmark, results under $$OUT
-	bash benchmarks/gpu.sh
+	py=$$(TK_BUILD_CUDA=0 bash scripts/bootstrap.sh | tail -n 1) && PYTHON=$$py bash benchmarks/gpu.sh
 
 # The lent machine has no package registry: these pure-Python wheels (and numpy 2.2 for Triton
 # 3.6's interpreter) travel with the tree (the device tool's carry: [".whl"]), and gpu.sh
@@ -29,7 +31,7 @@ gpu-wheels:  ## download the wheels `make gpu` carries to the lent machine (Pyth
 	python3 -m pip download -q --no-deps -d .whl --only-binary=:all: --python-version $(GPU_PY) \
 		--platform manylinux_2_17_x86_64 numpy==2.2.6 diffusers==0.42.1 importlib_metadata==10.2.0 zipp timesformer-pytorch==0.4.1
 
-static-report:  ## compile every Triton kernel for sm_90/sm_80 under both stacks (no GPU) -> benchmarks/results/static/
+static-report:  ## compile every Triton kernel for every GPU of the device table under both stacks (no GPU) -> benchmarks/results/static/
 	py=$(PY) && TRITON_INTERPRET=0 $$py -m benchmarks.static --out benchmarks/results/static
 	py=$(PY_H200) && TRITON_INTERPRET=0 $$py -m benchmarks.static --out benchmarks/results/static
 

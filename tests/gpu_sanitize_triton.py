@@ -257,8 +257,10 @@ def main():
         print(f"  {name}: {_LAUNCHES[name]} launches, {len(_CONFIGS_SEEN[name])} distinct configs")
     expected = {"_temporal_fwd_kernel", "_temporal_bwd_kernel", "_spatial_fwd_kernel", "_spatial_bwd_dq_kernel",
                 "_spatial_bwd_dkdv_kernel"}
-    if DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9:  # see triton.spatial.whole_group
-        expected.add("_spatial_bwd_group_kernel")
+    from timesformer_kernels.devices import of
+    from timesformer_kernels.triton import pools
+    if DEVICE == "cpu" or any(of(torch.device("cuda")).mma in e.smem for p in pools.SPATIAL_GROUP.values() for e in p):
+        expected.add("_spatial_bwd_group_kernel")  # see triton.spatial.whole_group
     missing = expected - set(_LAUNCHES)
     if missing:
         FAILURES.append(f"kernels never launched: {sorted(missing)}")

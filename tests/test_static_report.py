@@ -1,10 +1,11 @@
-"""The static kernel report (benchmarks/static, issues 11 §2 and 13 §1), on the CPU.
+"""The static kernel report (benchmarks/static, issues 11 §2, 13 §1 and 18), on the CPU.
 
-(a) every Triton kernel compiles for sm_90 and sm_80, specialised like a real launch, without
-    spilling and within the target's shared memory (the ``--quick`` subset: bf16, head dim 64 of
-    the benchmark shapes, each kernel's largest-tile config that pruning keeps for the target;
-    the full sweep is the command);
-(b) the issue-time model on a kernel small enough to count by hand.
+(a) the fast path compiles clean: every Triton kernel for sm_90 and sm_80, specialised like a
+    real launch, in bf16 and float32, without spilling, within the target's shared memory and
+    within its pool entry (the ``--quick`` subset: each kernel's largest kept config; the full
+    sweep over every target, dtype, head dim and case is the command);
+(b) the issue-time model on a kernel small enough to count by hand;
+(c) the autotuners key on the target and cache their results.
 Compiling needs Triton without its interpreter (which conftest.py turns on), so the work runs
 in a subprocess with TRITON_INTERPRET=0; this file's ``__main__`` is (b)'s subprocess. Both
 pin the private Triton APIs the report uses, on whichever Triton runs the suite (3.6 and 3.8).
@@ -81,17 +82,45 @@ def test_issue_model_on_a_hand_counted_loop():
     assert b.highest == "issue" and b.mufu_s == b.mma_s == 0.0
 
 
-def test_every_kernel_compiles_for_both_targets_without_spills(tmp_path):
+def test_fast_path_compiles_clean(tmp_path):
+    """The --quick subset: on sm_90 and sm_80, in bf16 and float32 ("highest"), at head dims
+    64 and 128, TimeSformer-base and HR, every kernel's largest kept config compiles without a
+    spill, within the target's shared memory and within what its pool entry claims (the
+    number the pruning trusts); float32 at 128 is routed (its dQ spills in every config)."""
     _run("-m", "benchmarks.static", "--quick", "--out", str(tmp_path), timeout=900)
     rows = report.read_rows(str(tmp_path))
-    # Every kernel of the issue model was found and compiled for both targets, but the whole-group
-    # backward on sm_80, where it is never launched (triton.spatial.whole_group).
-    expected = {(k, t) for k in model.KERNELS for t in aot.TARGETS} - {("_spatial_bwd_group_kernel", "sm_80")}
-    assert {(r["kernel"], r["target"]) for r in rows} >= expected
-    bad = {(r["kernel"], r["config"], r["target"]): [i for i in report.issues_of(r) if i[0] in report.FAILURES]
-           for r in rows if not report.ok(r)}
+    compiled = {(r["kernel"], r["target"], r["dtype"], r["head_dim"]) for r in rows if not r["error"]}
+    for target in ("sm_90", "sm_80"):
+        for dtype, dh in (("bf16", "64"), ("bf16", "128"), ("fp32", "64")):
+            kernels = {k for k, t, d, h in compiled if (t, d, h) == (target, dtype, dh)}
+            pair = {"_spatial_bwd_dq_kernel", "_spatial_bwd_dkdv_kernel"}
+            assert {"_temporal_fwd_kernel", "_temporal_bwd_kernel", "_spatial_fwd_kernel"} | pair <= kernels, (
+                target, dtype, dh, kernels)
+    assert ("_spatial_bwd_group_kernel", "sm_90", "bf16", "64") in compiled
+    assert not {r["kernel"] for r in rows if r["error"].startswith("no fitting") and r["dtype"] == "bf16"}
+    bad = {(r["kernel"], r["config"], r["target"], r["dtype"], r["head_dim"], r["shape"]):
+           [i for i in report.issues_of(r) if i[0] in report.FAILURES] for r in rows if not report.ok(r)}
     assert not bad, bad
-    assert (tmp_path / "kernels.md").read_text().count("### `") == len({r["kernel"] for r in rows})
+    md = (tmp_path / "kernels.md").read_text()
+    for section in ("## Summary per target and dtype", "## Which calls take the Triton kernels",
+                    "## Issue-time model", "## The CUDA extension"):
+        assert section in md
+
+
+def test_autotuners_are_keyed_on_the_target_and_cached():
+    """With Triton compiling (not interpreting): every autotuned kernel keys on TARGET and
+    DOT_PRECISION and persists its results through Triton's cache, unless TK_AUTOTUNE_CACHE=0."""
+    check = ("import timesformer_kernels.triton as t, triton, json; "
+             "a = [k for m in (t.temporal, t.spatial) for k in vars(m).values() "
+             "if isinstance(k, triton.runtime.Autotuner)]; "
+             "print(json.dumps([len(a), all('TARGET' in k.keys and 'DOT_PRECISION' in k.keys for k in a), "
+             "[k.cache_results for k in a]]))")
+    n, keyed, cached = json.loads(_run("-c", check, timeout=300).stdout.strip().splitlines()[-1])
+    assert n == 6 and keyed and all(cached)
+    done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": ROOT,
+                               "TK_AUTOTUNE_CACHE": "0"})
+    assert json.loads(done.stdout.strip().splitlines()[-1])[2] == [False] * 6
 
 
 if __name__ == "__main__":

@@ -16,9 +16,11 @@ from .layout import Groups
 # 64, and the video diffusion models' 40/72/80/160 (AnimateDiff, Latte) up to 256.
 TRITON_HEAD_DIMS = tuple(range(8, 257, 8))
 
-# The order ``backend="auto"`` tries on a CUDA tensor. The CUDA extension comes after Triton
-# until a GPU benchmark shows it faster per op and shape: no GPU measurement has been made yet
-# (see benchmarks/results/). On a CPU tensor ``auto`` is always "torch".
+# The order ``backend="auto"`` tries on a CUDA tensor. Until a GPU benchmark exists, per op the
+# static report's issue-time model decides (benchmarks/results/static/kernels.md, "The CUDA
+# extension beside the Triton kernels": at TimeSformer-base and HR, bf16, Dh 64, H100, every op's
+# lower bound is lower with the Triton kernels), so the CUDA extension comes after Triton. On a
+# CPU tensor ``auto`` is always "torch".
 AUTO_ORDER = ("triton", "cuda", "torch")
 
 
@@ -38,6 +40,30 @@ def _torch_why_not(qkv: torch.Tensor, groups: Groups) -> list[str]:
     return []
 
 
+class DoesNotFit(ValueError):
+    """A compiled backend's kernel has no config that fits the device (predicted before any
+    launch, or a launch that ran out of resources). The message names the device, dtype,
+    head dim and what does not fit."""
+
+
+# Launches that ran out of resources although predicted to fit: (backend, call key) -> why.
+# why_not reports them, so ``auto`` passes that backend over for such calls from then on.
+_failed: dict[tuple, str] = {}
+
+
+def _call_key(qkv: torch.Tensor, groups: Groups) -> tuple:
+    """What decides the kernels and configs of a call (not its batch or group count)."""
+    from .devices import float32_matmul_precision
+
+    return (str(qkv.device), qkv.dtype, float32_matmul_precision(), groups.head_dim, groups.seq_len,
+            groups.cls_key, groups.cls_query)
+
+
+def note_failure(name: str, qkv: torch.Tensor, groups: Groups, error: DoesNotFit) -> None:
+    """Remember that backend ``name`` could not launch this kind of call on this device."""
+    _failed[(name, *_call_key(qkv, groups))] = str(error)
+
+
 def _triton_why_not(qkv: torch.Tensor, groups: Groups) -> list[str]:
     reasons = []
     if not triton_available():
@@ -50,6 +76,10 @@ def _triton_why_not(qkv: torch.Tensor, groups: Groups) -> list[str]:
         reasons.append("dtype float64 runs only under the interpreter (use backend='torch' on GPU)")
     if groups.head_dim not in TRITON_HEAD_DIMS:
         reasons.append(f"head_dim {groups.head_dim} is not a multiple of 8 in [8, 256]")
+    if not reasons:
+        from . import triton as kernels
+
+        reasons += kernels.why_not(qkv, groups)
     return reasons
 
 
@@ -65,7 +95,8 @@ BACKEND_NAMES = tuple(_BACKENDS)
 
 def why_not(name: str, qkv: torch.Tensor, groups: Groups) -> list[str]:
     """Reasons backend ``name`` cannot run this call; empty when it can."""
-    return _BACKENDS[name](qkv, groups)
+    failed = _failed.get((name, *_call_key(qkv, groups))) if _failed else None
+    return _BACKENDS[name](qkv, groups) + ([f"a launch on this device failed: {failed}"] if failed else [])
 
 
 def choose(backend: str, qkv: torch.Tensor, groups: Groups) -> str:

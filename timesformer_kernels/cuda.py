@@ -63,7 +63,9 @@ def why_not(qkv, groups: Groups) -> list[str]:
     if not available():
         reasons.append(f"the CUDA extension timesformer_kernels._C is not built or does not import "
                        f"({_load_error}); {build_hint}")
-    if qkv.device.type != "cuda":
+    if torch.version.hip is not None:
+        reasons.append("this is ROCm: the CUDA extension is built by nvcc for NVIDIA GPUs (sm_80, sm_90a) only")
+    elif qkv.device.type != "cuda":
         reasons.append(f"qkv is on {qkv.device}, the CUDA backend needs a CUDA tensor")
     elif not _built_for(cap := torch.cuda.get_device_capability(qkv.device)):
         major, minor = cap

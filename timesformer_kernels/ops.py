@@ -14,6 +14,7 @@ plain PyTorch (``reference.py``) and is differentiated by autograd directly.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -88,9 +89,34 @@ def _temporal_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
+def _reference_grad(qkv: Tensor, groups: Groups, scale: float, douts: tuple) -> Tensor:
+    """dqkv by autograd through the torch backend (recomputed): the backward of last resort when
+    a compiled backward runs out of resources at launch (``_or_reference``)."""
+    with torch.enable_grad():
+        x = qkv.detach().requires_grad_()
+        outs = [o for o in reference.attention(x, groups, scale) if o is not None]
+        pairs = [(o, d) for o, d in zip(outs, douts) if d is not None]
+        return torch.autograd.grad([o for o, _ in pairs], x, [d for _, d in pairs])[0]
+
+
+def _or_reference(run, backend: str, qkv: Tensor, groups: Groups, scale: float, douts: tuple) -> Tensor:
+    """``run()``, the compiled backward; if it runs out of resources at launch (its fit was
+    predicted, and the forward ran), the torch backend's gradient instead, with a warning. The
+    failure is noted, so that ``auto`` passes that backend over for such calls from then on."""
+    try:
+        return run()
+    except backends.DoesNotFit as e:
+        backends.note_failure(backend, qkv, groups, e)
+        warnings.warn(f"timesformer_kernels: {e}; this gradient was computed by the torch backend instead")
+        return _reference_grad(qkv, groups, scale, douts)
+
+
 def _temporal_backward(ctx, dout, _dlse):
     qkv, out, lse = ctx.saved_tensors
-    dqkv = _temporal_bwd_op(dout, qkv, out, lse, *ctx.args)
+    num_frames, num_heads, scale, token_order, with_cls, backend = ctx.args
+    groups = _temporal(qkv, num_frames, num_heads, token_order, with_cls)
+    dqkv = _or_reference(lambda: _temporal_bwd_op(dout, qkv, out, lse, *ctx.args), backend, qkv, groups, scale,
+                         (dout,))
     return dqkv, None, None, None, None, None, None
 
 
@@ -141,7 +167,10 @@ def _spatial_backward(ctx, dout, dcls_out, _dlse, _dcls_lse):
         dout = torch.zeros_like(out)
     if dcls_out is None:
         dcls_out = torch.zeros_like(cls_out)
-    dqkv = _spatial_bwd_op(dout, dcls_out, qkv, out, cls_out, lse, cls_lse, *ctx.args)
+    num_frames, num_heads, scale, token_order, backend = ctx.args
+    groups = _spatial(qkv, num_frames, num_heads, token_order)
+    dqkv = _or_reference(lambda: _spatial_bwd_op(dout, dcls_out, qkv, out, cls_out, lse, cls_lse, *ctx.args), backend,
+                         qkv, groups, scale, (dout, dcls_out))
     return dqkv, None, None, None, None, None
 
 
@@ -149,6 +178,23 @@ _spatial_op.register_autograd(_spatial_backward, setup_context=_spatial_setup)
 
 
 # ------------------------------------------------------------------------ public API
+def _dispatch(backend: str, qkv: Tensor, groups: Groups, run_torch, run_compiled):
+    """Runs the call on the backend ``backend`` resolves to. A compiled backend whose launch
+    runs out of resources (its fit was predicted) raises DoesNotFit, a ValueError naming the
+    device, dtype, head dim and what does not fit; under ``auto`` the failure is noted and the
+    call goes to the next backend (whose why_not now names it)."""
+    name = backends.choose(backend, qkv, groups)
+    if name == "torch":
+        return run_torch()
+    try:
+        return run_compiled(name)
+    except backends.DoesNotFit as e:
+        if backend != "auto":
+            raise
+        backends.note_failure(name, qkv, groups, e)
+        return _dispatch(backend, qkv, groups, run_torch, run_compiled)
+
+
 def temporal_attention(qkv: Tensor, num_frames: int, num_heads: int, *, scale: Optional[float] = None,
                        token_order: str = "space_major", with_cls: bool = False,
                        backend: str = "auto") -> Tensor:
@@ -160,10 +206,8 @@ def temporal_attention(qkv: Tensor, num_frames: int, num_heads: int, *, scale: O
     """
     groups, scale = check_temporal(qkv, num_frames, num_heads, scale, token_order, with_cls, backend)
     qkv = _autocast(qkv)
-    name = backends.choose(backend, qkv, groups)
-    if name == "torch":
-        return reference.attention(qkv, groups, scale)[0]
-    return _temporal_op(qkv, num_frames, num_heads, scale, token_order, with_cls, name)[0]
+    return _dispatch(backend, qkv, groups, lambda: reference.attention(qkv, groups, scale)[0],
+                     lambda name: _temporal_op(qkv, num_frames, num_heads, scale, token_order, with_cls, name)[0])
 
 
 def spatial_attention(qkv: Tensor, num_frames: int, num_heads: int, *, scale: Optional[float] = None,
@@ -176,8 +220,5 @@ def spatial_attention(qkv: Tensor, num_frames: int, num_heads: int, *, scale: Op
     """
     groups, scale = check_spatial(qkv, num_frames, num_heads, scale, token_order, backend)
     qkv = _autocast(qkv)
-    name = backends.choose(backend, qkv, groups)
-    if name == "torch":
-        return reference.attention(qkv, groups, scale)
-    out, cls_out, _, _ = _spatial_op(qkv, num_frames, num_heads, scale, token_order, name)
-    return out, cls_out
+    return _dispatch(backend, qkv, groups, lambda: reference.attention(qkv, groups, scale),
+                     lambda name: _spatial_op(qkv, num_frames, num_heads, scale, token_order, name)[:2])

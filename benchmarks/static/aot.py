@@ -31,13 +31,52 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.autotuner import Autotuner, Heuristics
 from triton.runtime.jit import JITFunction, KernelInterface, create_function_from_signature
 
-from timesformer_kernels import backends
+from timesformer_kernels import backends, devices
 from timesformer_kernels import triton as tk_triton
 from timesformer_kernels.triton import target as tk_target
 from timesformer_kernels.layout import spatial_groups, temporal_groups
 
-TARGETS = {"sm_90": GPUTarget("cuda", 90, 32), "sm_80": GPUTarget("cuda", 80, 32)}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Every row of the device table, as Triton's compile target.
+TARGETS = {name: GPUTarget(t.vendor, t.arch, t.warp_size) for name, t in devices.TARGETS.items()}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
+# float32 under each torch.get_float32_matmul_precision() the kernels distinguish: "fp32" is the
+# default "highest" (three TF32 products a dot), "tf32" is "high" (one; "medium" is the same)
+PRECISIONS = {"fp32": "highest", "tf32": "high"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """A model shape whose launches the sweep compiles: qkv (B, [1 +] N·T, 3·H·Dh) in
+    ``token_order``; temporal attention always (on ``qkv[:, 1:]`` when the model has a cls token
+    that does not join the temporal groups, as in the official block), spatial attention for
+    the TimeSformer models (``temporal``/``spatial`` say which the case has)."""
+
+    name: str
+    batch: int
+    frames: int
+    patches: int
+    heads: int
+    token_order: str = "space_major"
+    spatial: bool = True
+    temporal: bool = True
+    cls_key: bool = False  # temporal attention with the cls key (lucidrains)
+    about: str = ""
+
+
+# Batches are small where the tensors are large: the batch changes no binary, only grids.
+CASES = {c.name: c for c in (
+    Case("base", 8, 8, 196, 12, about="TimeSformer-base, 8 frames at 224 px"),
+    Case("hr", 4, 16, 784, 12, about="TimeSformer-HR, 16 frames at 448 px"),
+    Case("l", 2, 96, 196, 12, about="TimeSformer-L, 96 frames at 224 px: temporal groups of 65-128"),
+    Case("small", 8, 8, 49, 12, temporal=False,
+         about="TimeSformer at 112 px: frame groups of 1 + 49, the whole-group backward on 4 warps"),
+    Case("animatediff", 2, 16, 4096, 8, "time_major", spatial=False,
+         about="AnimateDiff motion module: 16 frames of 64x64 latents, frame-major, temporal only"),
+    Case("svd", 1, 25, 9216, 5, "time_major", spatial=False,
+         about="Stable Video Diffusion temporal block: 25 frames of 72x128 latents"),
+    Case("long", 1, 256, 16, 8, "time_major", spatial=False, cls_key=True,
+         about="temporal groups longer than 128 with the cls key (lucidrains order): the flash kernels"),
+)}
 
 
 def tool(name: str) -> str | None:
@@ -99,32 +138,34 @@ def _recording():
             del obj.run
 
 
-def record_launches(batch: int, frames: int, patches: int, heads: int, head_dim: int, dtype: torch.dtype,
-                    target: GPUTarget) -> list[Launch]:
-    """The kernel launches of temporal and spatial attention, forward and backward, on a qkv of
-    the model's layout (B, 1 + N·T, 3·H·Dh), space-major, as a GPU of ``target``'s generation
-    would make them; temporal reads the patch rows ``qkv[:, 1:]`` like the official block.
-    Tensors are allocated, never filled."""
+def record_launches(case: Case, head_dim: int, dtype: torch.dtype, target: str) -> list[Launch]:
+    """The kernel launches of ``case``'s attention ops, forward and backward, as the package's
+    wrappers make them for ``target`` (a name of ``TARGETS``). Tensors are allocated, never filled."""
     check_not_interpreting()
     scale = head_dim ** -0.5
-    qkv = torch.empty(batch, 1 + patches * frames, 3 * heads * head_dim, dtype=dtype)
-    tgroups = temporal_groups(batch, patches * frames, frames, heads, head_dim, "space_major", False)
-    sgroups = spatial_groups(batch, 1 + patches * frames, frames, heads, head_dim, "space_major")
-    with _recording() as launches, tk_target.compiling_for(target.arch // 10):
-        for x, groups in ((qkv[:, 1:], tgroups), (qkv, sgroups)):
+    b, t, n, h = case.batch, case.frames, case.patches, case.heads
+    has_cls = case.spatial or case.cls_key
+    qkv = torch.empty(b, int(has_cls) + n * t, 3 * h * head_dim, dtype=dtype)
+    calls = [(qkv if case.cls_key or not has_cls else qkv[:, 1:],
+              temporal_groups(b, int(case.cls_key) + n * t, t, h, head_dim, case.token_order, case.cls_key))]
+    calls = calls if case.temporal else []
+    if case.spatial:
+        calls.append((qkv, spatial_groups(b, 1 + n * t, t, h, head_dim, case.token_order)))
+    with _recording() as launches, tk_target.compiling_for(target):
+        for x, groups in calls:
             out, cls_out, lse, cls_lse = tk_triton.attention_fwd(x, groups, scale)
             dcls = None if cls_out is None else torch.empty_like(cls_out)
             tk_triton.attention_bwd(torch.empty_like(out), dcls, x, out, cls_out, lse, cls_lse, groups, scale)
     return launches
 
 
-def configs(launch: Launch, target: GPUTarget) -> list[triton.Config]:
+def configs(launch: Launch, target: str) -> list[triton.Config]:
     """The configs the autotuner would benchmark for this launch on ``target`` (after its
-    pruning, which drops Hopper-only configs before sm_90), or the launch's own
-    meta-parameters for a kernel without autotuning."""
+    pruning for that target), or the launch's own meta-parameters for a kernel without
+    autotuning. Raises what the pruning raises when no config fits the target."""
     if isinstance(launch.kernel, Autotuner):
         launch.kernel.nargs = dict(zip(launch.kernel.arg_names, launch.args))
-        with tk_target.compiling_for(target.arch // 10):
+        with tk_target.compiling_for(target):
             return list(launch.kernel.prune_configs(dict(launch.kwargs)))
     return [triton.Config({})]
 
@@ -143,8 +184,26 @@ class Compiled:
     grid: tuple[int, int, int]
 
 
-def compile_launch(launch: Launch, config: triton.Config, target: GPUTarget) -> Compiled:
-    """triton.compile of one config of a recorded launch, specialised like JITFunction.run."""
+@dataclasses.dataclass
+class Prepared:
+    """One config of a recorded launch, bound and specialised for a target, not yet compiled."""
+
+    source: ASTSource
+    options: dict
+    target: GPUTarget
+    bound: dict
+    grid: tuple[int, int, int]
+
+    @property
+    def key(self) -> tuple:
+        """What decides the binary (Triton's own cache key, less its version): two launches
+        with equal keys compile to the same kernel, so the sweep compiles it once."""
+        backend = make_backend(self.target)
+        return self.source.hash(), backend.parse_options(self.options).hash(), str(self.target)
+
+
+def prepare(launch: Launch, config: triton.Config, target: GPUTarget) -> Prepared:
+    """Binds one config of a recorded launch for ``target``, specialised like JITFunction.run."""
     from triton import knobs
 
     kwargs = {**launch.kwargs, **config.all_kwargs()}
@@ -161,7 +220,16 @@ def compile_launch(launch: Launch, config: triton.Config, target: GPUTarget) -> 
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
     grid = launch.grid(bound) if callable(launch.grid) else launch.grid
     grid = tuple(grid) + (1,) * (3 - len(grid))
-    return Compiled(compiled, dict(bound), grid)
+    return Prepared(ASTSource(fn, signature, constexprs, attrs), options.__dict__, target, dict(bound), grid)
+
+
+def compile_prepared(prepared: Prepared) -> Compiled:
+    return Compiled(triton.compile(prepared.source, target=prepared.target, options=prepared.options),
+                    prepared.bound, prepared.grid)
+
+
+def compile_launch(launch: Launch, config: triton.Config, target: GPUTarget) -> Compiled:
+    """triton.compile of one config of a recorded launch, specialised like JITFunction.run."""
+    return compile_prepared(prepare(launch, config, target))

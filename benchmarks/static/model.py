@@ -17,36 +17,26 @@ import dataclasses
 import math
 
 from benchmarks import config as work
+from timesformer_kernels import devices
 from timesformer_kernels.triton.spatial import WIDE_HEAD_DIM
 
 
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    """Per-SM limits of a target for theoretical occupancy (CUDA occupancy calculator rules)."""
-
-    name: str
-    regs_per_sm: int = 65536
-    max_warps: int = 64
-    max_blocks: int = 32
-    smem_per_sm: int = 228 * 1024
-    smem_per_block: int = 227 * 1024
-    smem_reserved: int = 1024  # the driver's per-block reservation
+SMEM_RESERVED = 1024  # the driver's per-block reservation of shared memory (NVIDIA)
 
 
-LIMITS = {"sm_90": Limits("H100/H200"),
-          "sm_80": Limits("A100", smem_per_sm=164 * 1024, smem_per_block=163 * 1024)}
-
-
-def occupancy(limits: Limits, regs: int, warps: int, smem: int) -> tuple[int, str]:
-    """(resident warps per SM, what limits it). Registers are allocated per warp in units of
-    256 from each of the 4 SM sub-partitions; shared memory per block plus the reservation."""
-    if smem > limits.smem_per_block:
+def occupancy(target: devices.Target, regs: int, warps: int, smem: int) -> tuple[int, str]:
+    """(resident warps per SM, what limits it), by the CUDA occupancy calculator's rules on the
+    device table's limits: registers are allocated per warp in units of 256 from each of the 4
+    SM sub-partitions; shared memory per block plus the reservation. 0 warps: the block's
+    shared memory exceeds the target's, it cannot launch. (On AMD the compiler's own occupancy
+    is used instead, see sweep.analyse_amd.)"""
+    if smem > target.smem_per_block:
         return 0, "smem"
     regs_per_warp = math.ceil(max(regs, 1) * 32 / 256) * 256
-    by = {"regs": (limits.regs_per_sm // 4 // regs_per_warp) * 4 // warps,
-          "warps": limits.max_warps // warps,
-          "blocks": limits.max_blocks,
-          "smem": limits.smem_per_sm // (smem + limits.smem_reserved)}
+    by = {"regs": (target.regs_per_sm // 4 // regs_per_warp) * 4 // warps,
+          "warps": target.max_warps_per_sm // warps,
+          "blocks": target.max_blocks_per_sm,
+          "smem": target.smem_per_sm // (smem + SMEM_RESERVED)}
     limiter = min(by, key=by.get)
     return by[limiter] * warps, limiter
 
@@ -69,9 +59,10 @@ H200 = Device("H200", bandwidth=4.3e12)
 
 
 def _temporal_iters(a: dict, grid: tuple) -> int:
-    """``for h in range(h_begin, min(h_begin + HEADS, H))`` over the head blocks of the grid."""
-    per_tile = sum(len(range(p * a["HEADS"], min(p * a["HEADS"] + a["HEADS"], a["H"]))) for p in range(grid[0]))
-    return per_tile * grid[1] * grid[2]
+    """``for h in range(h_begin, min(h_begin + HEADS, H))``: every program of a group tile runs
+    its head block's heads, H in all per tile (grid x = head blocks x tiles, y·z = clips)."""
+    head_blocks = math.ceil(a["H"] / a["HEADS"])
+    return a["H"] * (grid[0] // head_blocks) * grid[1] * grid[2]
 
 
 def _key_loop_iters(a: dict, grid: tuple) -> int:

@@ -11,8 +11,9 @@ every logit comes out of the same tl.dot, so the forward and backward agree on i
 bit). Only the dK/dV kernel's query loop takes the cls query as a seed step with vector ops.
 
 Backward recomputes the probabilities from the saved log-sum-exp. Where every query of a
-group fits one tile (1 + 196 rows at TimeSformer-base) and Dh <= 64, on Hopper, one kernel
-does it all (``whole_group``): a program holds the group's queries, loops over its keys,
+group fits one tile (1 + 196 rows at TimeSformer-base), Dh <= 64 and that kernel compiles clean
+for the target (``pools.py``: sm_90 in 16-bit, every NVIDIA target for groups up to 128), one
+kernel does it all (``whole_group``): a program holds the group's queries, loops over its keys,
 accumulates dQ and stores each key block's dK and dV as soon as they are final, so qkv,
 out and dout are read once. Otherwise dQ and dK/dV are separate kernels. Either way each
 program owns the gradient rows it writes (no atomics). The cls token is shared by the G
@@ -27,9 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import interpreting
+from ..backends import DoesNotFit, interpreting
 from ..layout import Groups, stats_dtype
-from . import target
+from . import pools, target, tuning
+from .grid import batch_grid, clip_id
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 # The backward's per-query statistics (delta, log2-domain lse) of one (batch, group, head):
@@ -38,93 +40,43 @@ LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 # without a mask.
 STATS_LEAD: tl.constexpr = tl.constexpr(16)
 _STATS_TILE = 128  # a multiple of every dK/dV BLOCK_M: whole query blocks stay in the row
-# float32 inputs: three tf32 tensor-core products are about as exact as float32 FMA, which
-# spills heavily on Hopper. fp16/bf16 ignore it.
-DOT_PRECISION: tl.constexpr = tl.constexpr("tf32x3")
 WIDE_HEAD_DIM = 128  # head dims above it (BLOCK_D = 256) take the wide configs and no peeled key tail
 _PEEL_MAX_D: tl.constexpr = tl.constexpr(WIDE_HEAD_DIM)  # the same bound, as kernels see it
 SHORT_HEAD_DIM = 64  # head dims up to it can also hold a whole 197-row group in one tile
 # Never the batch size: a new batch must not re-tune or recompile.
-_TUNE_KEY = ["seq_len", "HEAD_DIM", "HAS_CLS_KEY", "HAS_CLS_QUERY"]  # Triton adds the dtypes
+_TUNE_KEY = ["seq_len", "HEAD_DIM", "HAS_CLS_KEY", "HAS_CLS_QUERY", "DOT_PRECISION", "TARGET"]  # + the dtypes
 
 
-def _tuned(narrow, wide, hopper_only=(), short=()):
-    """Autotune over configs (BLOCK_M, BLOCK_N, num_warps, num_stages): ``narrow`` for
-    BLOCK_D <= WIDE_HEAD_DIM, ``wide`` for head dims up to 256, ``short`` first for BLOCK_D <=
-    SHORT_HEAD_DIM, less ``hopper_only`` (configs that spill on the A100) before sm_90
-    (``target.py``). The interpreter gets one small config instead, because it autotunes by
-    running every config and 16-row tiles already exercise the multi-tile paths at small N."""
-    if interpreting():
-        return triton.autotune([triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)],
-                               key=_TUNE_KEY)
-
-    def prune(configs, nargs, **kwargs):
-        block_d, first = kwargs["BLOCK_D"], len(short) + len(narrow)
-        if block_d > WIDE_HEAD_DIM:
-            pool = configs[first:]
-        else:
-            pool = configs[:first] if block_d <= SHORT_HEAD_DIM else configs[len(short):first]
-        if target.capability_major() >= target.HOPPER:
-            return pool
-        return [c for c in pool
-                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) not in hopper_only]
-
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-               for m, n, w, s in [*short, *narrow, *wide]]
-    return triton.autotune(configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})
-
-
-def _tuned_group(configs):
-    """Autotune of the whole-group backward over configs (BLOCK_N, num_warps, num_stages);
-    BLOCK_M is the launch's (the group's queries), and sets the warps (see _GROUP_BWD_CONFIGS)."""
-    if interpreting():
-        return triton.autotune([triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)], key=_TUNE_KEY)
-
-    def prune(configs, nargs, **kwargs):
-        rows = kwargs["BLOCK_M"]
-        return [c for c in configs if (c.num_warps == 8 and rows >= 128) or (c.num_warps == 4 and rows <= 128)]
-
-    return triton.autotune([triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in configs],
-                           key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})
-
-
-# BLOCK_M: query rows, BLOCK_N: key rows; the tiled side is the one the grid spans.
-_FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
-                (128, 64, 8, 4), (64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4)]
-_BWD_DQ_CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3),
-                   (64, 128, 4, 2), (64, 64, 4, 4)]
-# dK/dV holds two fp32 accumulators per key row: 32-query steps keep Dh = 128 from spilling.
-# Not kept: 64 key rows on 8 warps (both warpgroups compute the same rows) and 128-query
-# steps over 64 keys (spill on Triton 3.6).
-_BWD_DKDV_CONFIGS = [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (32, 128, 8, 2),
-                     (64, 64, 4, 3)]
-# BLOCK_D = 256: 32-row steps on the looped side keep every config unspilled (ptxas, sm_90 and
-# sm_80) and its pipelined tiles within sm_80's 163 KB of shared memory. Forward and dQ: 128
-# tiled rows on 8 warps or 64 on 4 (Hopper only: they spill on sm_80), or 32 on 4; 64 rows on
-# 8 warps computed the scores twice (1.5x / 1.67x the MMA work; bf16 Dh 160 sm_90 issue bound
-# fwd 109.5 -> 63.9 us). dK/dV: 16-query steps on 4 warps still issue 1.5x the MMA work, but
-# every config without that (32-query steps) spills or issues more (177.8 vs 153.4 us), and the
-# issue bound is its highest.
-_WIDE_FWD_CONFIGS = [(128, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)]
-_WIDE_DQ_CONFIGS = [(128, 32, 8, 2), (32, 32, 4, 2)]
-_WIDE_DKDV_CONFIGS = [(16, 32, 4, 2), (32, 16, 4, 2)]
-# BLOCK_D <= 64: 256 query rows hold a whole TimeSformer-base frame group (1 + 196), so K and V
-# are read once instead of once per 128-row tile (counted bytes 1.50x -> 1.00x of the minimum;
-# sm_90 bf16: 231 registers, no spill, issue bound 27.0 us vs 27.8 for 128 rows). Spills on sm_80.
-_SHORT_FWD_CONFIGS = [(256, 64, 8, 2)]
-_SM90_FWD_CONFIGS = {(256, 64, 8, 2), (128, 64, 4, 3),  # the latter: 8 B on sm_80 (3.8)
-                     (128, 32, 8, 2), (64, 32, 4, 2)}  # BLOCK_D 256: 33 / 12 B on sm_80
-# Hopper-only (pruned before sm_90): these spill on sm_80 (ptxas, bf16 Dh 64, Triton 3.6 /
-# 3.8: dQ 72 / 80 B and 48 / 40 B; dK/dV 8-24 B on 3.6).
-_SM90_DQ_CONFIGS = {(128, 128, 8, 2), (64, 128, 4, 2), (128, 32, 8, 2)}  # the last: BLOCK_D 256, 40 B on sm_80
-_SM90_DKDV_CONFIGS = {(64, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3)}
-
-# Whole-group backward (BLOCK_D <= SHORT_HEAD_DIM, 1 + S <= GROUP_BWD_MAX_ROWS queries, Hopper):
-# (BLOCK_N, num_warps, num_stages); 8 warps for 128-256 query rows, 4 up to 128 (fewer rows on 8
-# warps would compute them twice). sm_90 bf16 Dh 64 at 256 rows: 212-234 registers, no spill;
-# 64-key blocks spill (120+ B), as do 16 warps.
+_NAMES = {"fwd": "_spatial_fwd_kernel", "dq": "_spatial_bwd_dq_kernel", "dkdv": "_spatial_bwd_dkdv_kernel",
+          "group": "_spatial_bwd_group_kernel"}
+_POOLS = {"fwd": pools.SPATIAL_FWD, "dq": pools.SPATIAL_DQ, "dkdv": pools.SPATIAL_DKDV, "group": pools.SPATIAL_GROUP}
+# Whole-group backward: every query of a group in one tile of at most this many rows.
 GROUP_BWD_MAX_ROWS = 256
-_GROUP_BWD_CONFIGS = [(32, 8, 1), (32, 8, 2), (16, 8, 1), (32, 4, 1), (32, 4, 2)]
+
+
+def kept(kind: str, named: dict, dtype: torch.dtype) -> list[triton.Config]:
+    """The configs kernel ``kind`` ("fwd", "dq", "dkdv", "group") tunes over for a launch of
+    ``dtype`` (``named``: its constexprs): its pool for the launch's BLOCK_D and dtype
+    (``pools.py``) on the launch's target; the whole-group kernel only with the warps for its
+    query rows (8 for 128-256, 4 up to 128: fewer rows on 8 warps would compute them twice).
+    DoesNotFit when none is left."""
+    pool = _POOLS[kind].get(pools.key(named["BLOCK_D"], dtype, named["DOT_PRECISION"]), [])
+    if kind == "group":
+        rows = named["BLOCK_M"]
+        pool = [e for e in pool
+                if (e.config.num_warps == 8 and rows >= 128) or (e.config.num_warps == 4 and rows <= 128)]
+    return tuning.keep(_NAMES[kind], pool, target.by_key(named["TARGET"]), dtype, named["HEAD_DIM"])
+
+
+def _tuned(kind: str):
+    """Autotune over the kernel's pools, pruned to ``kept`` per launch. The interpreter gets one
+    small config instead, because it autotunes by running every config and 16-row tiles
+    already exercise the multi-tile paths at small N."""
+    if interpreting():
+        meta = {"BLOCK_N": 16} if kind == "group" else {"BLOCK_M": 16, "BLOCK_N": 16}
+        return triton.autotune([triton.Config(meta, num_warps=4, num_stages=1)], key=_TUNE_KEY)
+    configs = [e.config for pool in _POOLS[kind].values() for e in pool]
+    return tuning.autotune(configs, _TUNE_KEY, lambda named: kept(kind, named, named["qkv"].dtype))
 
 
 @triton.jit
@@ -151,8 +103,8 @@ def _load_rows(ptr, rows, stride_row, col, offs_d, row_ok, HEAD_DIM: tl.constexp
 
 @triton.jit
 def _fwd_step(q, m_i, l_i, acc, qkv_b, start_n, seq_len, g_row, pos_stride, base, stride_qkv_l, k_col, v_col,
-              offs_d, qk_scale, HEAD_DIM: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASKED: tl.constexpr, CLS: tl.constexpr):
+              offs_d, qk_scale, HEAD_DIM: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CLS: tl.constexpr):
     """One key block of the online softmax: the new (m_i, l_i, acc). Only the last, partial
     block is MASKED: the loop over the whole blocks before it carries no masks. CLS: key 0 is
     the cls token, so keys run to seq_len + 1."""
@@ -185,7 +137,8 @@ def _store_row0(ptr, tile, offs, offs_d, d_ok):
 @triton.jit
 def _dq_step(dq, q, do, lse2, row_delta, qkv_b, start_n, seq_len, g_row, pos_stride, base, stride_qkv_l, k_col,
              v_col, offs_d, qk_scale, dk_ptr, cls_k_ptr, sm_scale, HEAD_DIM: tl.constexpr, ACC: tl.constexpr,
-             BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DKDV: tl.constexpr, CLS: tl.constexpr):
+             DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DKDV: tl.constexpr,
+             CLS: tl.constexpr):
     """One key block of dQ: dq + dS·K (MASKED and CLS as in _fwd_step). DKDV (the tile holds
     every query of the group): the block's dK and dV are final here, stored at ``dk_ptr``
     (dqkv with its batch and the head's dK column applied; rows of 3·H·Dh, dV H·Dh after dK),
@@ -226,14 +179,19 @@ def _scales(scale, ACC: tl.constexpr):
 
 
 @triton.jit
-def _program_ids(pid, num_tiles, num_heads, num_groups):
-    """Tile index fastest, so the tiles of one (clip, group, head) run together and share
-    the other side's rows in L2; one grid axis because B·G·H exceeds 65535 for long T."""
+def _program_ids(num_tiles, num_heads, num_groups):
+    """(tile, bgh, bg, b, g, h) of this program in a ``grid``: x spans a clip's tiles x heads
+    x groups, tile index fastest, so the tiles of one (clip, group, head) run together and
+    share the other side's rows in L2; the clip b comes from y and z (``grid.py``). bg and
+    bgh number the (clip, group) and (clip, group, head) in row-major order."""
+    pid = tl.program_id(0)
     tile = pid % num_tiles
-    bgh = pid // num_tiles
-    h = bgh % num_heads
-    bg = bgh // num_heads
-    return tile, bgh, bg, bg // num_groups, bg % num_groups, h
+    gh = pid // num_tiles
+    h = gh % num_heads
+    g = gh // num_heads
+    b = clip_id()
+    bg = b * num_groups + g
+    return tile, bg * num_heads + h, bg, b, g, h
 
 
 @triton.jit
@@ -284,8 +242,8 @@ def _store_dq(dq, dqkv, cls_grad, q_rows, offs_m, offs_d, q_ok, b, bg, h, rows_p
 @triton.jit
 def _dq_keys(q, do, lse2, row_delta, qkv_b, dqkv, cls_grad, b, bg, h, seq_len, g_row, pos_stride, base,
              stride_qkv_l, rows_per_clip, hd, qk_scale, sm_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-             HAS_CLS_KEY: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             DKDV: tl.constexpr):
+             HAS_CLS_KEY: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, DKDV: tl.constexpr):
     """dQ (unscaled) of a tile of queries over every key of its group (the cls key first) in
     BLOCK_N blocks. DKDV: also every key's dK and dV (see _dq_step)."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -300,34 +258,35 @@ def _dq_keys(q, do, lse2, row_delta, qkv_b, dqkv, cls_grad, b, bg, h, seq_len, g
         whole = num_k - num_k % BLOCK_N
         for start_n in range(0, whole, BLOCK_N):
             dq = _dq_step(dq, q, do, lse2, row_delta, qkv_b, start_n, seq_len, g_row, pos_stride, base, stride_qkv_l,
-                          k_col, v_col, offs_d, qk_scale, dk_ptr, cls_k_ptr, sm_scale, HEAD_DIM, ACC, BLOCK_N, False,
-                          DKDV, HAS_CLS_KEY)
+                          k_col, v_col, offs_d, qk_scale, dk_ptr, cls_k_ptr, sm_scale, HEAD_DIM, ACC, DOT_PRECISION,
+                          BLOCK_N, False, DKDV, HAS_CLS_KEY)
         if whole < num_k:
             dq = _dq_step(dq, q, do, lse2, row_delta, qkv_b, whole, seq_len, g_row, pos_stride, base, stride_qkv_l,
-                          k_col, v_col, offs_d, qk_scale, dk_ptr, cls_k_ptr, sm_scale, HEAD_DIM, ACC, BLOCK_N, True,
-                          DKDV, HAS_CLS_KEY)
+                          k_col, v_col, offs_d, qk_scale, dk_ptr, cls_k_ptr, sm_scale, HEAD_DIM, ACC, DOT_PRECISION,
+                          BLOCK_N, True, DKDV, HAS_CLS_KEY)
     else:
         for start_n in range(0, num_k, BLOCK_N):
             dq = _dq_step(dq, q, do, lse2, row_delta, qkv_b, start_n, seq_len, g_row, pos_stride, base, stride_qkv_l,
-                          k_col, v_col, offs_d, qk_scale, dk_ptr, cls_k_ptr, sm_scale, HEAD_DIM, ACC, BLOCK_N, True,
-                          DKDV, HAS_CLS_KEY)
+                          k_col, v_col, offs_d, qk_scale, dk_ptr, cls_k_ptr, sm_scale, HEAD_DIM, ACC, DOT_PRECISION,
+                          BLOCK_N, True, DKDV, HAS_CLS_KEY)
     return dq
 
 
-@_tuned(_FWD_CONFIGS, _WIDE_FWD_CONFIGS, _SM90_FWD_CONFIGS, _SHORT_FWD_CONFIGS)
-@triton.jit
+@_tuned("fwd")
+@triton.jit(do_not_specialize=["batch"])  # a new batch size must not compile a new kernel
 def _spatial_fwd_kernel(
     qkv, out, lse, cls_out, cls_lse,
     stride_qkv_b, stride_qkv_l,
-    num_heads, num_groups, seq_len, group_stride, pos_stride, base, scale,
+    batch, num_heads, num_groups, seq_len, group_stride, pos_stride, base, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_CLS_KEY: tl.constexpr,
-    HAS_CLS_QUERY: tl.constexpr, ACC: tl.constexpr, NEGATE_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HAS_CLS_QUERY: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, TARGET: tl.constexpr,
+    NEGATE_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One BLOCK_M tile of a group's queries against all its keys (online softmax). A negative
     scale runs as NEGATE_Q with |scale| (exact), so the key loop may scale the max, not every score."""
-    pid_m, bgh, bg, b, g, h = _program_ids(tl.program_id(0), tl.cdiv(seq_len + HAS_CLS_QUERY, BLOCK_M),
-                                           num_heads, num_groups)
+    pid_m, bgh, bg, b, g, h = _program_ids(tl.cdiv(seq_len + HAS_CLS_QUERY, BLOCK_M), num_heads, num_groups)
+    if b >= batch:  # past the last clip (grid.py)
+        return
     hd = num_heads * HEAD_DIM
     qkv_b = qkv + b.to(tl.int64) * stride_qkv_b
     g_row = g * group_stride
@@ -349,17 +308,17 @@ def _spatial_fwd_kernel(
         whole = num_k - num_k % BLOCK_N
         for start_n in range(0, whole, BLOCK_N):
             m_i, l_i, acc = _fwd_step(q, m_i, l_i, acc, qkv_b, start_n, seq_len, g_row, pos_stride, base,
-                                      stride_qkv_l, k_col, v_col, offs_d, qk_scale, HEAD_DIM, ACC, BLOCK_N, False,
-                                      HAS_CLS_KEY)
+                                      stride_qkv_l, k_col, v_col, offs_d, qk_scale, HEAD_DIM, ACC, DOT_PRECISION,
+                                      BLOCK_N, False, HAS_CLS_KEY)
         if whole < num_k:
             m_i, l_i, acc = _fwd_step(q, m_i, l_i, acc, qkv_b, whole, seq_len, g_row, pos_stride, base,
-                                      stride_qkv_l, k_col, v_col, offs_d, qk_scale, HEAD_DIM, ACC, BLOCK_N, True,
-                                      HAS_CLS_KEY)
+                                      stride_qkv_l, k_col, v_col, offs_d, qk_scale, HEAD_DIM, ACC, DOT_PRECISION,
+                                      BLOCK_N, True, HAS_CLS_KEY)
     else:  # BLOCK_D = 256: a second copy of the loop body spills, so every block is masked
         for start_n in range(0, num_k, BLOCK_N):
             m_i, l_i, acc = _fwd_step(q, m_i, l_i, acc, qkv_b, start_n, seq_len, g_row, pos_stride, base,
-                                      stride_qkv_l, k_col, v_col, offs_d, qk_scale, HEAD_DIM, ACC, BLOCK_N, True,
-                                      HAS_CLS_KEY)
+                                      stride_qkv_l, k_col, v_col, offs_d, qk_scale, HEAD_DIM, ACC, DOT_PRECISION,
+                                      BLOCK_N, True, HAS_CLS_KEY)
 
     acc = acc / l_i[:, None]
     row_lse = (m_i + tl.log2(l_i)) / log2e  # natural log, as the contract says
@@ -376,20 +335,23 @@ def _spatial_fwd_kernel(
         tl.store(cls_lse + bg.to(tl.int64) * num_heads + h + tl.zeros_like(offs_m), row_lse, mask=offs_m == 0)
 
 
-@_tuned(_BWD_DQ_CONFIGS, _WIDE_DQ_CONFIGS, _SM90_DQ_CONFIGS)
-@triton.jit
+@_tuned("dq")
+@triton.jit(do_not_specialize=["batch"])
 def _spatial_bwd_dq_kernel(
     qkv, out, dout, lse, cls_out, dcls_out, cls_lse, dqkv, cls_grad, delta, lse2_rows,
     stride_qkv_b, stride_qkv_l, stride_do_b, stride_do_l, stride_dcls_b, stride_dcls_g,
-    num_heads, num_groups, seq_len, group_stride, pos_stride, base, scale, stats_stride,
+    batch, num_heads, num_groups, seq_len, group_stride, pos_stride, base, scale, stats_stride,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_CLS_KEY: tl.constexpr,
-    HAS_CLS_QUERY: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_CLS_QUERY: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, TARGET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ of one BLOCK_M tile of queries; also saves delta = rowsum(dO·O) and lse·log2(e)
     for the dK/dV kernel, which runs after it (saves a preprocess launch and a second read
     of dO), in the STATS_LEAD layout."""
     num_q = seq_len + HAS_CLS_QUERY
-    pid_m, bgh, bg, b, g, h = _program_ids(tl.program_id(0), tl.cdiv(num_q, BLOCK_M), num_heads, num_groups)
+    pid_m, bgh, bg, b, g, h = _program_ids(tl.cdiv(num_q, BLOCK_M), num_heads, num_groups)
+    if b >= batch:
+        return
     hd = num_heads * HEAD_DIM
     qkv_b = qkv + b.to(tl.int64) * stride_qkv_b
     g_row = g * group_stride
@@ -408,26 +370,29 @@ def _spatial_bwd_dq_kernel(
 
     dq = _dq_keys(q, do, lse2, row_delta, qkv_b, dqkv, cls_grad, b, bg, h, seq_len, g_row, pos_stride, base,
                   stride_qkv_l, num_patches + base, hd, qk_scale, sm_scale, HEAD_DIM, BLOCK_D, HAS_CLS_KEY, ACC,
-                  BLOCK_M, BLOCK_N, False)
+                  DOT_PRECISION, BLOCK_M, BLOCK_N, False)
 
     _store_dq(dq * sm_scale, dqkv, cls_grad, q_rows, offs_m, offs_d, q_ok, b, bg, h, num_patches + base, hd,
               HEAD_DIM, HAS_CLS_QUERY)
 
 
-@_tuned_group(_GROUP_BWD_CONFIGS)
-@triton.jit
+@_tuned("group")
+@triton.jit(do_not_specialize=["batch"])
 def _spatial_bwd_group_kernel(
     qkv, out, dout, lse, cls_out, dcls_out, cls_lse, dqkv, cls_grad,
     stride_qkv_b, stride_qkv_l, stride_do_b, stride_do_l, stride_dcls_b, stride_dcls_g,
-    num_heads, num_groups, seq_len, group_stride, pos_stride, base, scale,
+    batch, num_heads, num_groups, seq_len, group_stride, pos_stride, base, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_CLS_KEY: tl.constexpr,
-    HAS_CLS_QUERY: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_CLS_QUERY: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, TARGET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The whole backward of one (clip, group, head) whose queries all fit one BLOCK_M tile:
     dQ of every query, and block by block the final dK and dV of the keys. Reads qkv, out and
     dout once (the op's floor) and computes the scores once, where the dQ + dK/dV pair reads
     and computes them twice."""
-    _, _, bg, b, g, h = _program_ids(tl.program_id(0), 1, num_heads, num_groups)
+    _, _, bg, b, g, h = _program_ids(1, num_heads, num_groups)
+    if b >= batch:
+        return
     hd = num_heads * HEAD_DIM
     qkv_b = qkv + b.to(tl.int64) * stride_qkv_b
     g_row = g * group_stride
@@ -441,25 +406,28 @@ def _spatial_bwd_group_kernel(
     rows_per_clip = num_groups * seq_len + base
     dq = _dq_keys(q, do, lse2, row_delta, qkv_b, dqkv, cls_grad, b, bg, h, seq_len, g_row, pos_stride, base,
                   stride_qkv_l, rows_per_clip, hd, qk_scale, sm_scale, HEAD_DIM, BLOCK_D, HAS_CLS_KEY, ACC,
-                  BLOCK_M, BLOCK_N, True)
+                  DOT_PRECISION, BLOCK_M, BLOCK_N, True)
     _store_dq(dq * sm_scale, dqkv, cls_grad, q_rows, offs_m, offs_d, offs_m < seq_len + HAS_CLS_QUERY, b, bg, h,
               rows_per_clip, hd, HEAD_DIM, HAS_CLS_QUERY)
 
 
-@_tuned(_BWD_DKDV_CONFIGS, _WIDE_DKDV_CONFIGS, _SM90_DKDV_CONFIGS)
-@triton.jit
+@_tuned("dkdv")
+@triton.jit(do_not_specialize=["batch"])
 def _spatial_bwd_dkdv_kernel(
     qkv, dout, dcls_out, dqkv, cls_grad, delta, lse2_rows,
     stride_qkv_b, stride_qkv_l, stride_do_b, stride_do_l, stride_dcls_b, stride_dcls_g,
-    num_heads, num_groups, seq_len, group_stride, pos_stride, base, scale, stats_stride,
+    batch, num_heads, num_groups, seq_len, group_stride, pos_stride, base, scale, stats_stride,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_CLS_KEY: tl.constexpr,
-    HAS_CLS_QUERY: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_CLS_QUERY: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, TARGET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK and dV of one BLOCK_N tile of a group's keys, looping over all its queries.
     Works on transposed scores (keys x queries) so both products accumulate without
     transposing the probabilities."""
     num_k = seq_len + HAS_CLS_KEY
-    pid_n, bgh, bg, b, g, h = _program_ids(tl.program_id(0), tl.cdiv(num_k, BLOCK_N), num_heads, num_groups)
+    pid_n, bgh, bg, b, g, h = _program_ids(tl.cdiv(num_k, BLOCK_N), num_heads, num_groups)
+    if b >= batch:
+        return
     hd = num_heads * HEAD_DIM
     qkv_b = qkv + b.to(tl.int64) * stride_qkv_b
     g_row = g * group_stride
@@ -520,21 +488,34 @@ def _spatial_bwd_dkdv_kernel(
 
 
 def _meta(qkv: torch.Tensor, groups: Groups) -> dict:
-    """Compile-time arguments shared by the three kernels."""
+    """Compile-time arguments shared by the kernels."""
     hd = groups.num_heads * groups.head_dim
     assert qkv.shape == (groups.batch, groups.base + groups.num_patches, 3 * hd) and qkv.stride(-1) == 1
+    return _constexprs(groups, qkv.dtype, qkv.device)
+
+
+def _constexprs(groups: Groups, dtype: torch.dtype, device: torch.device) -> dict:
+    tgt = target.current(device)
     return dict(
         HEAD_DIM=groups.head_dim,
-        BLOCK_D=max(16, triton.next_power_of_2(groups.head_dim)),
+        BLOCK_D=_block_d(groups),
         HAS_CLS_KEY=int(groups.cls_key),
         HAS_CLS_QUERY=int(groups.cls_query),
-        ACC=tl.float64 if qkv.dtype == torch.float64 else tl.float32,
+        ACC=tl.float64 if dtype == torch.float64 else tl.float32,
+        DOT_PRECISION=target.dot_precision(dtype, tgt),
+        TARGET=tgt.key,
     )
 
 
 def _group_args(groups: Groups, scale: float) -> tuple:
-    return (groups.num_heads, groups.num_groups, groups.seq_len, groups.group_stride, groups.pos_stride,
+    return (groups.batch, groups.num_heads, groups.num_groups, groups.seq_len, groups.group_stride, groups.pos_stride,
             groups.base, scale)
+
+
+def grid(groups: Groups, tiles: int) -> tuple[int, int, int]:
+    """The launch grid of ``tiles`` programs per (clip, group, head) (``_program_ids``)."""
+    return batch_grid(tiles * groups.num_groups * groups.num_heads, groups.batch,
+                      f"{groups.num_groups} groups of {groups.seq_len} tokens and {groups.num_heads} heads")
 
 
 def spatial_fwd(qkv: torch.Tensor, groups: Groups, scale: float):
@@ -551,10 +532,7 @@ def spatial_fwd(qkv: torch.Tensor, groups: Groups, scale: float):
         cls_lse = torch.empty(b, g, h, dtype=stat_dtype, device=qkv.device)
     num_q = groups.seq_len + int(groups.cls_query)
 
-    def grid(meta):
-        return (triton.cdiv(num_q, meta["BLOCK_M"]) * b * g * h,)
-
-    _spatial_fwd_kernel[grid](
+    _spatial_fwd_kernel[lambda meta: grid(groups, triton.cdiv(num_q, meta["BLOCK_M"]))](
         qkv, out, lse, out if cls_out is None else cls_out, lse if cls_lse is None else cls_lse,
         qkv.stride(0), qkv.stride(1), *_group_args(groups, abs(scale)), NEGATE_Q=scale < 0, **_meta(qkv, groups))
     return out, cls_out, lse, cls_lse
@@ -586,9 +564,9 @@ def spatial_bwd(dout, dcls_out, qkv, out, cls_out, lse, cls_lse, groups: Groups,
     strides = (qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), dcls_out.stride(0), dcls_out.stride(1))
 
     if whole_group(groups, qkv.dtype, qkv.device):
-        _spatial_bwd_group_kernel[(b * g * h,)](
+        _spatial_bwd_group_kernel[grid(groups, 1)](
             qkv, out, dout, lse, cls_out, dcls_out, cls_lse, dqkv, dqkv if cls_grad is None else cls_grad, *strides,
-            *_group_args(groups, scale), BLOCK_M=max(16, triton.next_power_of_2(num_q)), **meta)
+            *_group_args(groups, scale), BLOCK_M=_group_rows_tile(num_q), **meta)
     else:
         _spatial_bwd_pair(qkv, out, dout, lse, cls_out, dcls_out, cls_lse, dqkv, cls_grad, strides, groups, scale,
                           meta)
@@ -599,13 +577,45 @@ def spatial_bwd(dout, dcls_out, qkv, out, cls_out, lse, cls_lse, groups: Groups,
 
 def whole_group(groups: Groups, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the backward runs as one kernel per (clip, group, head) rather than the dQ +
-    dK/dV pair: every query of the group in one tile, head dims up to SHORT_HEAD_DIM, Hopper or
-    newer (on the A100 its mma.sync operands stay in registers and spill) and, on a GPU, 16-bit
-    inputs (float32's three tf32 products a dot overflow registers and shared memory). The
-    interpreter (CPU tensors) takes it in every dtype, so that float32/64 tests check its maths."""
-    fits = groups.head_dim <= SHORT_HEAD_DIM and groups.seq_len + int(groups.cls_query) <= GROUP_BWD_MAX_ROWS
-    precision_ok = device.type != "cuda" or dtype in (torch.float16, torch.bfloat16)
-    return fits and precision_ok and target.capability_major(device) >= target.HOPPER
+    dK/dV pair: every query of the group in one tile, head dims up to SHORT_HEAD_DIM, and a
+    config of it that compiles clean and fits on the target (its pool: sm_90 and sm_100 in
+    fp16/bf16; with mma.sync its operands stay in registers and spill, float32's three TF32
+    products overflow registers and shared memory). The interpreter (CPU tensors) takes it in
+    every dtype, so that float32/64 tests check its maths."""
+    rows = groups.seq_len + int(groups.cls_query)
+    if groups.head_dim > SHORT_HEAD_DIM or rows > GROUP_BWD_MAX_ROWS:
+        return False
+    tgt = target.current(device)
+    dtype = dtype if device.type == "cuda" else torch.bfloat16
+    named = dict(BLOCK_D=_block_d(groups), BLOCK_M=_group_rows_tile(rows), TARGET=tgt.key, HEAD_DIM=groups.head_dim,
+                 DOT_PRECISION=target.dot_precision(dtype, tgt))
+    try:
+        kept("group", named, dtype)
+    except DoesNotFit:
+        return False
+    return True
+
+
+def _block_d(groups: Groups) -> int:
+    return max(16, triton.next_power_of_2(groups.head_dim))
+
+
+def _group_rows_tile(rows: int) -> int:
+    """BLOCK_M of the whole-group backward: the group's queries, padded to a power of two."""
+    return max(16, triton.next_power_of_2(rows))
+
+
+def plan(groups: Groups, dtype: torch.dtype, device: torch.device, backward: bool = True) -> list[tuple[str, list]]:
+    """The kernels of a call (forward, and backward), each with the configs it tunes over
+    (``kept``; DoesNotFit when one keeps none), as a GPU of the target launches them (also for
+    a CPU tensor under compiling_for, see whole_group)."""
+    named = _constexprs(groups, dtype, device)
+    kinds = [("fwd", named)]
+    if backward and whole_group(groups, dtype, torch.device("cuda") if target.forced() else device):
+        kinds.append(("group", {**named, "BLOCK_M": _group_rows_tile(groups.seq_len + int(groups.cls_query))}))
+    elif backward:
+        kinds += [("dq", named), ("dkdv", named)]
+    return [(_NAMES[kind], kept(kind, n, dtype)) for kind, n in kinds]
 
 
 def _spatial_bwd_pair(qkv, out, dout, lse, cls_out, dcls_out, cls_lse, dqkv, cls_grad, strides, groups, scale, meta):
@@ -617,7 +627,7 @@ def _spatial_bwd_pair(qkv, out, dout, lse, cls_out, dcls_out, cls_lse, dqkv, cls
     delta, lse2 = torch.zeros(2, b * g * h, stats_stride, dtype=lse.dtype, device=qkv.device)
     cls_grad = delta if cls_grad is None else cls_grad  # a placeholder the kernels never touch
     args = (*_group_args(groups, scale), stats_stride)
-    _spatial_bwd_dq_kernel[lambda m: (triton.cdiv(num_q, m["BLOCK_M"]) * b * g * h,)](
+    _spatial_bwd_dq_kernel[lambda m: grid(groups, triton.cdiv(num_q, m["BLOCK_M"]))](
         qkv, out, dout, lse, cls_out, dcls_out, cls_lse, dqkv, cls_grad, delta, lse2, *strides, *args, **meta)
-    _spatial_bwd_dkdv_kernel[lambda m: (triton.cdiv(num_k, m["BLOCK_N"]) * b * g * h,)](
+    _spatial_bwd_dkdv_kernel[lambda m: grid(groups, triton.cdiv(num_k, m["BLOCK_N"]))](
         qkv, dout, dcls_out, dqkv, cls_grad, delta, lse2, *strides, *args, **meta)

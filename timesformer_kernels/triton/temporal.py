@@ -9,12 +9,12 @@ cross-group scores. Only real token rows are loaded or stored: memory traffic is
 memory-bound. Rows are addressed with ``layout``'s formula (``Groups``), which covers both
 token orders; ``cls_key`` adds row 0 as one more key/value of every group.
 
-Grid: (head blocks, group tiles, batch). A program loops over HEADS heads of its tile, so
-the loads of the next head are pipelined (num_stages) under the maths of the current one,
-while a head-block axis keeps enough programs for every SM at small batch. Head blocks are
-the fastest grid axis: the programs in flight together read disjoint column slices of the
-same rows, so each qkv row is fetched whole, and L2 serves the sectors two heads share when
-head_dim * itemsize is not a multiple of 32 bytes.
+Grid (``grid``): head blocks x group tiles on x, the batch on y and z. A program loops over
+HEADS heads of its tile, so the loads of the next head are pipelined (num_stages) under the
+maths of the current one, while head blocks keep enough programs for every SM at small batch.
+Head blocks are the fastest grid axis: the programs in flight together read disjoint column
+slices of the same rows, so each qkv row is fetched whole, and L2 serves the sectors two heads
+share when head_dim * itemsize is not a multiple of 32 bytes.
 """
 from __future__ import annotations
 
@@ -24,11 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import interpreting
+from ..backends import DoesNotFit, interpreting
 from ..layout import Groups, stats_dtype
-from . import target
+from . import pools, target, tuning
+from .grid import batch_grid, clip_id
 
-MAX_SEQ = 128  # groups with seq_len <= max_seq(head_dim) and no cls query come to this module
+MAX_SEQ = 128  # groups with seq_len <= max_seq(...) and no cls query come to this module
 
 _INTERPRET = interpreting()
 _MIN_TILE = 32  # rows of the smallest tile; also the cls partial-sum granularity (backward)
@@ -36,52 +37,71 @@ _MIN_TILE = 32  # rows of the smallest tile; also the cls partial-sum granularit
 # raised to T_PAD for longer groups. Tests swap it to cover other tilings on the CPU.
 INTERPRET_CONFIG = {"BLOCK_M": _MIN_TILE, "HEADS": 2}
 
-# H100: a 32-row tile wastes the least masked work at T = 8 (with 4 heads in flight and 3
-# stages it keeps the most loads outstanding), 64-row tiles amortise more per program.
-# 128-row tiles (8 warps for their fp32 (128, 128) scores) are pruned unless the groups are
-# longer than 64: at T = 8 they run one mostly masked program per SM. No 64-row tile on 8
-# warps: both warpgroups would compute the same rows (TTGIR warpsPerCTA = [8, 1]).
-_CONFIGS = [
-    triton.Config({"BLOCK_M": m, "HEADS": h}, num_warps=w, num_stages=s)
-    for m, w in ((32, 4), (64, 4), (128, 8))
-    for h, s in ((1, 1), (2, 2), (4, 2))
-] + [triton.Config({"BLOCK_M": 32, "HEADS": 4}, num_warps=4, num_stages=3)]
-# Head dims above 128 (BLOCK_D = 256): only 32-row tiles keep the fp32 accumulators in
-# registers (ptxas, sm_90 and sm_80: the forward on 4 warps, the backward's three gradient
-# tiles on 8), so these groups are at most WIDE_MAX_SEQ long; longer ones go to spatial.py.
-_WIDE_FWD_CONFIGS = [triton.Config({"BLOCK_M": 32, "HEADS": h}, num_warps=4, num_stages=s)
-                     for h, s in ((1, 1), (2, 2), (4, 2))]
-_WIDE_BWD_CONFIGS = [triton.Config({"BLOCK_M": 32, "HEADS": h}, num_warps=8, num_stages=s)
-                     for h, s in ((1, 1), (2, 2), (4, 2))]
-WIDE_HEAD_DIM = 128  # head dims above it take the wide configs
+WIDE_HEAD_DIM = 128  # the interpreter's bound for WIDE_MAX_SEQ (see max_seq)
 WIDE_MAX_SEQ = 32
+_NAMES = {"fwd": "_temporal_fwd_kernel", "bwd": "_temporal_bwd_kernel"}
+_POOLS = {"fwd": pools.TEMPORAL_FWD, "bwd": pools.TEMPORAL_BWD}
+_TUNE_KEY = ["S", "H", "HEAD_DIM", "CLS_KEY", "DOT_PRECISION", "TARGET"]  # + the dtypes; never batch or groups
 
 
-def max_seq(head_dim: int) -> int:
-    """The longest group this module takes at head_dim (longer ones go to spatial.py)."""
-    return MAX_SEQ if head_dim <= WIDE_HEAD_DIM else WIDE_MAX_SEQ
+def kept(kind: str, named: dict, dtype: torch.dtype) -> list[triton.Config]:
+    """The configs kernel ``kind`` ("fwd", "bwd") tunes over for a launch of ``dtype``
+    (``named``: its constexprs): its pool for the launch's BLOCK_D and dtype (``pools.py``) on
+    the launch's target, tiles that hold at least one whole group, 128 rows only where nothing
+    smaller does (at T = 8 they run one mostly masked program per SM). DoesNotFit when none is
+    left."""
+    t_pad = named["T_PAD"]
+    pool = [e for e in _POOLS[kind].get(pools.key(named["BLOCK_D"], dtype, named["DOT_PRECISION"]), [])
+            if e.config.kwargs["BLOCK_M"] >= t_pad]
+    configs = tuning.keep(_NAMES[kind], pool, target.by_key(named["TARGET"]), dtype, named["HEAD_DIM"],
+                          f", groups of {named['S']}")
+    rows = max(64, t_pad, min(c.kwargs["BLOCK_M"] for c in configs))
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= rows]
 
 
-def _tuned(wide_configs, dropped=lambda config, named: False):
-    """Autotunes over _CONFIGS, or over wide_configs when BLOCK_D > WIDE_HEAD_DIM, keeping
-    the tiles that hold at least one whole group, 128 rows only where nothing smaller does,
-    less those ``dropped(config, launch arguments)`` says spill. Keyed on the group length,
-    head count, head_dim and cls key (which ``dropped`` reads; the autotuner adds the tensor
-    dtypes), never on batch or group count: no re-tuning per batch size."""
+def _tuned(kind: str):
+    """Autotune over the kernel's pools, pruned to ``kept`` per launch and keyed on the group
+    length, head count, head_dim, cls key, precision and target: no re-tuning per batch size.
+    The interpreter runs INTERPRET_CONFIG instead."""
     if _INTERPRET:
         return lambda fn: fn
+    configs = [e.config for pool in _POOLS[kind].values() for e in pool]
+    return tuning.autotune(configs, _TUNE_KEY, lambda named: kept(kind, named, named["qkv_ptr"].dtype))
 
-    def prune(configs, nargs, **kwargs):
-        named = {**nargs, **kwargs}
-        wide = named["BLOCK_D"] > WIDE_HEAD_DIM
-        pool = configs[len(_CONFIGS):] if wide else configs[:len(_CONFIGS)]
-        t_pad = named["T_PAD"]
-        fits = [c for c in pool if c.kwargs["BLOCK_M"] >= t_pad and not dropped(c, named)]
-        rows = max(64, t_pad, min(c.kwargs["BLOCK_M"] for c in fits))
-        return [c for c in fits if c.kwargs["BLOCK_M"] <= rows]
 
-    return triton.autotune(_CONFIGS + wide_configs, key=["S", "H", "HEAD_DIM", "CLS_KEY"],
-                           prune_configs_by={"early_config_prune": prune})
+_max_seq: dict[tuple, int] = {}
+
+
+def max_seq(head_dim: int, dtype: torch.dtype, device: torch.device) -> int:
+    """The longest group this module takes (longer ones go to spatial.py): the longest padded
+    group (a power of two up to MAX_SEQ) for which both kernels keep a config on the target.
+    The interpreter, with no target named: MAX_SEQ, or WIDE_MAX_SEQ above WIDE_HEAD_DIM."""
+    if _INTERPRET and not target.forced():
+        return MAX_SEQ if head_dim <= WIDE_HEAD_DIM else WIDE_MAX_SEQ
+    tgt = target.current(device)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    precision = target.dot_precision(dtype, tgt)
+    memo = (tgt.key, block_d, dtype, precision)
+    if memo not in _max_seq:
+        _max_seq[memo] = 0
+        for t_pad in (MAX_SEQ >> i for i in range(MAX_SEQ.bit_length())):
+            named = dict(T_PAD=t_pad, S=t_pad, BLOCK_D=block_d, TARGET=tgt.key, HEAD_DIM=head_dim,
+                         DOT_PRECISION=precision)
+            try:
+                kept("fwd", named, dtype), kept("bwd", named, dtype)
+            except DoesNotFit:
+                continue
+            _max_seq[memo] = t_pad
+            break
+    return _max_seq[memo]
+
+
+@triton.jit
+def _program_ids(H, HEADS: tl.constexpr):
+    """(first head, group tile, clip) of this program; see grid()."""
+    head_blocks = tl.cdiv(H, HEADS)
+    pid = tl.program_id(0)
+    return (pid % head_blocks) * HEADS, pid // head_blocks, clip_id()
 
 
 @triton.jit
@@ -108,18 +128,20 @@ def _scaled(x, scale_hi, scale_lo):
     return x
 
 
-@_tuned(_WIDE_FWD_CONFIGS)
-@triton.jit
+@_tuned("fwd")
+@triton.jit(do_not_specialize=["B"])  # a new batch size must not compile a new kernel
 def _temporal_fwd_kernel(
     qkv_ptr, out_ptr, lse_ptr,
     stride_qb, stride_ql, stride_ob, stride_ol, stride_lb, stride_ll,
-    G, S, H, base, group_stride, pos_stride, scale_hi, scale_lo,
+    B, G, S, H, base, group_stride, pos_stride, scale_hi, scale_lo,
     CLS_KEY: tl.constexpr, HEAD_DIM: tl.constexpr, T_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
-    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, HEADS: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, TARGET: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEADS: tl.constexpr,
 ):
     """out and lse of the groups in one tile, for heads [pid0 * HEADS, pid0 * HEADS + HEADS)."""
-    pid_m = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    h_begin, pid_m, b = _program_ids(H, HEADS)
+    if b >= B:  # past the last clip (see grid.py)
+        return
     row, valid, key_ok = _tile_rows(pid_m, G, S, base, group_stride, pos_stride, T_PAD, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
@@ -129,7 +151,6 @@ def _temporal_fwd_kernel(
     qkv_rows = clip + row * stride_ql
     out_rows = out_ptr + b * stride_ob + (row - base) * stride_ol
     lse_rows = lse_ptr + b * stride_lb + (row - base) * stride_ll
-    h_begin = tl.program_id(0) * HEADS
     for h in range(h_begin, tl.minimum(h_begin + HEADS, H)):
         col = h * HEAD_DIM + d
         q = tl.load(qkv_rows[:, None] + col[None, :], mask=tile_ok, other=0.0)
@@ -154,33 +175,24 @@ def _temporal_fwd_kernel(
         tl.store(lse_rows + h, m + tl.log(l), mask=valid)
 
 
-def _bwd_spills(config, named) -> bool:
-    """Backward configs that spill (ptxas): 64 rows on 4 warps with more than one head in
-    flight on sm_80 (bf16 Dh 64: 32 B); 64 rows on 4 warps at BLOCK_D 128 with the cls key,
-    on sm_90 too (168-194 spill instructions)."""
-    m64w4 = config.kwargs["BLOCK_M"] == 64 and config.num_warps == 4
-    if m64w4 and named["BLOCK_D"] == 128 and named["CLS_KEY"]:
-        return True
-    return m64w4 and config.kwargs["HEADS"] > 1 and target.capability_major() < target.HOPPER
-
-
-@_tuned(_WIDE_BWD_CONFIGS, _bwd_spills)
-@triton.jit
+@_tuned("bwd")
+@triton.jit(do_not_specialize=["B"])
 def _temporal_bwd_kernel(
     qkv_ptr, dout_ptr, lse_ptr, dqkv_ptr, dcls_ptr,
     stride_qb, stride_ql, stride_db, stride_dl,
     stride_lb, stride_ll, stride_gb, stride_gl,
-    G, S, H, base, group_stride, pos_stride, scale_hi, scale_lo, n_chunks,
+    B, G, S, H, base, group_stride, pos_stride, scale_hi, scale_lo, n_chunks,
     CLS_KEY: tl.constexpr, HEAD_DIM: tl.constexpr, T_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
-    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, CLS_ROWS: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, TARGET: tl.constexpr, CLS_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, HEADS: tl.constexpr,
 ):
     """dq, dk, dv of the groups in one tile for HEADS heads, from P recomputed with the saved
     lse; with CLS_KEY also the partial cls dk/dv of each CLS_ROWS-row chunk of the tile.
     Every key of a group is in the tile, so delta = rowsum(dO∘O) comes from P and dP without
     reading out; each gradient is stored as soon as it is final, to free its registers."""
-    pid_m = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    h_begin, pid_m, b = _program_ids(H, HEADS)
+    if b >= B:  # past the last clip (see grid.py)
+        return
     row, valid, key_ok = _tile_rows(pid_m, G, S, base, group_stride, pos_stride, T_PAD, BLOCK_M)
     p_ok = key_ok & valid[:, None]  # also drops the padding query rows from dk and dv
     d = tl.arange(0, BLOCK_D)
@@ -197,7 +209,6 @@ def _temporal_bwd_kernel(
     chunk = pid_m * CHUNKS + tl.arange(0, CHUNKS)
     dcls_rows = dcls_ptr + (b * n_chunks + chunk) * (2 * D)
     chunk_ok = (chunk < n_chunks)[:, None] & d_ok[None, :]
-    h_begin = tl.program_id(0) * HEADS
     for h in range(h_begin, tl.minimum(h_begin + HEADS, H)):
         col = h * HEAD_DIM + d
         q = tl.load(qkv_rows[:, None] + col[None, :], mask=tile_ok, other=0.0)
@@ -237,28 +248,38 @@ def _temporal_bwd_kernel(
         tl.store(dqkv_rows[:, None] + col[None, :], _scaled(dq, scale_hi, scale_lo).to(q.dtype), mask=tile_ok)
 
 
-def _common(qkv: torch.Tensor, groups: Groups, scale: float):
+def _common(dtype: torch.dtype, device: torch.device, groups: Groups, scale: float):
     """Launch arguments shared by both kernels: (row args, constexprs, grid, T_PAD)."""
     t_pad = triton.next_power_of_2(groups.seq_len)
+    tgt = target.current(device)
     hi = struct.unpack("f", struct.pack("f", scale))[0]  # scale rounded to fp32
-    args = (groups.num_groups, groups.seq_len, groups.num_heads, groups.base,
+    args = (groups.batch, groups.num_groups, groups.seq_len, groups.num_heads, groups.base,
             groups.group_stride, groups.pos_stride, hi, scale - hi)
     consts = dict(
         CLS_KEY=groups.cls_key, HEAD_DIM=groups.head_dim, T_PAD=t_pad,
         BLOCK_D=max(16, triton.next_power_of_2(groups.head_dim)),
-        ACC=tl.float64 if qkv.dtype == torch.float64 else tl.float32,
-        # fp32 as three TF32 MMAs keeps fp32 accuracy on tensor cores; a plain fp32 dot runs
-        # on the FMA units and spills its tiles. Moot for 16-bit inputs.
-        DOT_PRECISION="tf32x3" if qkv.dtype == torch.float32 else "ieee",
+        ACC=tl.float64 if dtype == torch.float64 else tl.float32,
+        DOT_PRECISION=target.dot_precision(dtype, tgt), TARGET=tgt.key,
     )
     if _INTERPRET:
         consts.update(BLOCK_M=max(INTERPRET_CONFIG["BLOCK_M"], t_pad), HEADS=INTERPRET_CONFIG["HEADS"])
 
-    def grid(meta):
-        return (triton.cdiv(groups.num_heads, meta["HEADS"]),
-                triton.cdiv(groups.num_groups, meta["BLOCK_M"] // t_pad), groups.batch)
+    return args, consts, lambda meta: grid(groups, t_pad, meta["BLOCK_M"], meta["HEADS"]), t_pad
 
-    return args, consts, grid, t_pad
+
+def grid(groups: Groups, t_pad: int, block_m: int, heads: int) -> tuple[int, int, int]:
+    """The launch grid: head blocks x group tiles per clip (head blocks fastest, see the module
+    docstring), the batch over y and z (``grid.batch_grid``)."""
+    per_clip = triton.cdiv(groups.num_heads, heads) * triton.cdiv(groups.num_groups, block_m // t_pad)
+    return batch_grid(per_clip, groups.batch, f"{groups.num_groups} temporal groups of {groups.num_heads} heads")
+
+
+def plan(groups: Groups, dtype: torch.dtype, device: torch.device, backward: bool = True) -> list[tuple[str, list]]:
+    """The kernels of a call (forward, and backward), each with the configs it tunes over
+    (``kept``; DoesNotFit when one keeps none)."""
+    _, consts, _, _ = _common(dtype, device, groups, 1.0)
+    named = {"S": groups.seq_len, **consts}
+    return [(_NAMES[kind], kept(kind, named, dtype)) for kind in ("fwd", "bwd")[:2 if backward else 1]]
 
 
 def _unit_last(x: torch.Tensor) -> torch.Tensor:
@@ -268,13 +289,14 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
 def temporal_fwd(qkv: torch.Tensor, groups: Groups, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, N·T, H·Dh) contiguous, dtype of qkv; lse (B, N·T, H) float32 (float64 for fp64
     input), the natural log-sum-exp of each query row's scaled scores."""
-    assert not groups.cls_query and groups.seq_len <= max_seq(groups.head_dim) and qkv.stride(-1) == 1
+    assert not groups.cls_query and groups.seq_len <= max_seq(groups.head_dim, qkv.dtype, qkv.device)
+    assert qkv.stride(-1) == 1
     assert qkv.shape[1] == groups.base + groups.num_patches
     bsz, rows, dim = qkv.shape[0], groups.num_patches, groups.num_heads * groups.head_dim
     acc_dtype = stats_dtype(qkv.dtype)
     out = torch.empty((bsz, rows, dim), dtype=qkv.dtype, device=qkv.device)
     lse = torch.empty((bsz, rows, groups.num_heads), dtype=acc_dtype, device=qkv.device)
-    args, consts, grid, _ = _common(qkv, groups, scale)
+    args, consts, grid, _ = _common(qkv.dtype, qkv.device, groups, scale)
     _temporal_fwd_kernel[grid](
         qkv, out, lse, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
         lse.stride(0), lse.stride(1), *args, **consts)
@@ -285,13 +307,14 @@ def temporal_bwd(dout: torch.Tensor, qkv: torch.Tensor, lse: torch.Tensor, group
                  scale: float) -> torch.Tensor:
     """dqkv: a new contiguous tensor of qkv's shape and dtype, in qkv's layout (q|k|v). Needs
     no forward output: delta is recomputed from the tile (see the kernel)."""
-    assert not groups.cls_query and groups.seq_len <= max_seq(groups.head_dim) and qkv.stride(-1) == 1
+    assert not groups.cls_query and groups.seq_len <= max_seq(groups.head_dim, qkv.dtype, qkv.device)
+    assert qkv.stride(-1) == 1
     assert qkv.shape[1] == groups.base + groups.num_patches
     dout = _unit_last(dout)
     assert lse.stride(-1) == 1
     bsz, dim = qkv.shape[0], groups.num_heads * groups.head_dim
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-    args, consts, grid, t_pad = _common(qkv, groups, scale)
+    args, consts, grid, t_pad = _common(qkv.dtype, qkv.device, groups, scale)
     # The cls key/value of a clip gets gradient from all G groups. Without atomics (and so
     # deterministically), each program writes one fp32 (fp64) partial dk/dv per chunk of
     # CLS_ROWS rows of its tile, and torch sums the chunks below in a fixed order. Chunks
