@@ -120,15 +120,17 @@ def main(argv=None) -> int:
                                 ("--cases", cases, aot.CASES)):
         if unknown := [v for v in values if v not in known]:
             raise SystemExit(f"{name}: unknown {unknown} (known: {', '.join(known)})")
-    # Most telling first, so that a run cut short (it writes after every job) has it: the issue
-    # model's job (bf16, Dh 64, sm_90), then the fast path (sm_90, sm_80) in every dtype, the other
-    # NVIDIA targets, AMD last (its compiles are the slowest).
+    # Most telling first and breadth first, so that a run cut short (it writes after every job)
+    # has it: the issue model's job (bf16, Dh 64, sm_90), then per head dim (TimeSformer's 64
+    # first) and dtype every target: the fast path (sm_90, sm_80), the other NVIDIA targets, AMD
+    # last (its compiles are the slowest).
     order = [report.MODEL_TARGET, "sm_80", *[t for t in aot.TARGETS if t not in (report.MODEL_TARGET, "sm_80")]]
+    by_use = sorted(head_dims, key=lambda h: (h != report.MODEL_HEAD_DIM, h))
     jobs = sorted((sweep.Job(d, h, t, cases) for d in dtypes for h in head_dims for t in targets),
                   key=lambda j: ((j.dtype, j.head_dim, j.target) != (report.MODEL_DTYPE, report.MODEL_HEAD_DIM,
                                                                      report.MODEL_TARGET),
-                                 order.index(j.target) if j.target in order else len(order), dtypes.index(j.dtype),
-                                 j.head_dim))
+                                 by_use.index(j.head_dim), dtypes.index(j.dtype),
+                                 order.index(j.target) if j.target in order else len(order)))
     os.makedirs(args.out, exist_ok=True)
     start = time.monotonic()
     rows = []
