@@ -39,9 +39,10 @@ _MN = ("BLOCK_M", "BLOCK_N")
 _MH = ("BLOCK_M", "HEADS")
 _N = ("BLOCK_N",)
 
-# Written by `python -m benchmarks.static.pools` from `--all-configs` sweeps under Triton 3.8 (sm_80, sm_90,
-# sm_100; bf16, fp32, tf32; head dims 64, 128, 256; every case), corrected where the full sweep under 3.6 and 3.8
-# found a kept config spilling or above its entry at another head dim (comments say which).
+# Written by `python -m benchmarks.static.pools` from `--all-configs` sweeps under Triton 3.8
+# (benchmarks/results/static/evidence/: sm_80, sm_90, sm_100; bf16, fp32, tf32; head dims 64, 128,
+# 256; every case), corrected where the sweep of the kept configs under 3.6 and 3.8 found one
+# spilling or above its entry at another head dim (the comments say which).
 SPATIAL_FWD: dict[tuple, list[Entry]] = {
     (64, 16): _pool(_MN, [
         (256, 64, 8, 2, {W: 65, T: 66}),  # not clean: S
