@@ -259,7 +259,7 @@ def main():
                 "_spatial_bwd_dkdv_kernel"}
     from timesformer_kernels.devices import of
     from timesformer_kernels.triton import pools
-    if DEVICE == "cpu" or any(of(torch.device("cuda")).mma in e.smem for p in pools.SPATIAL_GROUP.values() for e in p):
+    if DEVICE == "cpu" or any(e.claim(of(torch.device("cuda"))) is not None for p in pools.SPATIAL_GROUP.values() for e in p):
         expected.add("_spatial_bwd_group_kernel")  # see triton.spatial.whole_group
     missing = expected - set(_LAUNCHES)
     if missing:

@@ -125,3 +125,38 @@ def test_autotuners_are_keyed_on_the_target_and_cached():
 
 if __name__ == "__main__":
     print(json.dumps(_counts_of_row_sum()))
+
+
+def _row(target: str, stack: int, smem: int) -> dict:
+    """A sweep row of the spatial forward's (128, 128, 8, 3) bf16 Dh 64 entry on ``target``."""
+    return {"kernel": "_spatial_fwd_kernel", "config": "M=128 N=128 w8 s3", "target": target, "dtype": "bf16",
+            "head_dim": "64", "error": "", "stack": str(stack), "local": "0", "spill_stores": "", "smem": str(smem),
+            "warps_per_sm": "8", "mma_dup": "", "loop_ldg": "", "loop_ldgsts": "", "shape": "base"}
+
+
+def test_pool_correction_from_a_sweep():
+    """``benchmarks.static.pools --correct``: a spill on a kind's other target takes that target
+    alone away, on the kind's first target the kind; more shared memory raises the claim."""
+    import torch
+
+    from benchmarks.static import pools as generator
+    from timesformer_kernels import devices
+    from timesformer_kernels.backends import DoesNotFit
+    from timesformer_kernels.triton import pools, tuning
+
+    entry = next(e for e in pools.SPATIAL_FWD[(64, 16)] if generator.config_label(e.config) == "M=128 N=128 w8 s3")
+    kinds = {"mma.sync", "wgmma", "tcgen05"}
+    claims = generator._claims(entry, {"sm_86": [_row("sm_86", 8, 70_000)], "sm_89": [_row("sm_89", 0, 90_000)]},
+                               kinds, correct=True)
+    assert claims["sm_86"] is None and "sm_89" not in claims and claims["mma.sync"] == 88  # 90,000 B in KB
+    assert claims["wgmma"] == entry.smem["wgmma"] // 1024
+    claims = generator._claims(entry, {"sm_80": [_row("sm_80", 8, 70_000)]}, kinds, correct=True)
+    assert "mma.sync" not in claims and "wgmma" in claims
+    corrected = tuning.Entry(entry.config, {k: v if v is None else v * 1024 for k, v in
+                                            generator._claims(entry, {"sm_86": [_row("sm_86", 8, 0)]}, kinds,
+                                                              correct=True).items()})
+    assert corrected.claim(devices.TARGETS["sm_86"]) is None
+    assert corrected.claim(devices.TARGETS["sm_80"]) == entry.smem["mma.sync"]
+    assert tuning.keep("k", [corrected], devices.TARGETS["sm_80"], torch.bfloat16, 64)
+    with pytest.raises(DoesNotFit, match="sm_86"):
+        tuning.keep("k", [corrected], devices.TARGETS["sm_86"], torch.bfloat16, 64)

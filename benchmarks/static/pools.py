@@ -7,6 +7,11 @@ no row of that kind's targets spills, fails to compile or exceeds the target's s
 over every case, head dim of the entry's class, dtype of its operand class and Triton version
 in DIR; its value is the largest shared memory of those rows, in KB rounded up. Kinds with no
 row stay out (the entry is not kept there). Prints the tables to paste over pools.py's.
+
+``--correct``: start from the package's pools instead, and only take kinds away from an entry
+where a row of DIR fails (as above) or raise its shared memory to what DIR shows: how sweeps of
+the kept configs (other targets of a kind, other head dims, the other Triton version) correct
+the tables without an ``--all-configs`` sweep of everything.
 """
 from __future__ import annotations
 
@@ -35,24 +40,62 @@ def _pool_key(row: dict) -> tuple:
 
 
 def evidence(rows: list[dict], kinds: set[str]) -> dict[tuple, dict[str, list[dict]]]:
-    """(table, pool key, config label) -> {MMA kind: rows}."""
+    """(table, pool key, config label) -> {target: rows}."""
     by_name = {module._NAMES[kind]: table for table, (module, kind, _) in _TABLES.items()}
     out: dict[tuple, dict[str, list[dict]]] = {}
     for r in rows:
         table = by_name.get(r["kernel"])
-        kind = devices.TARGETS[r["target"]].mma
-        if table is None or kind not in kinds or r["error"].startswith(NO_FIT):
+        if table is None or devices.TARGETS[r["target"]].mma not in kinds or r["error"].startswith(NO_FIT):
             continue
-        out.setdefault((table, _pool_key(r), r["config"]), {}).setdefault(kind, []).append(r)
+        out.setdefault((table, _pool_key(r), r["config"]), {}).setdefault(r["target"], []).append(r)
     return out
 
 
-def _failed(row: dict) -> bool:
-    """Spilled, did not compile or does not fit its target (the pool claims aside)."""
-    return any(kind in ("compile error", "spills", "shared memory") for kind, _ in report.issues_of(row))
+def _failed(row: dict, fit: bool = True) -> bool:
+    """Spilled, did not compile or (with ``fit``) does not fit its target (the pool claims aside)."""
+    failures = ("compile error", "spills", "shared memory") if fit else ("compile error", "spills")
+    return any(kind in failures for kind, _ in report.issues_of(row))
 
 
-def tables(rows: list[dict], kinds: set[str]) -> str:
+def _kb(rows: list[dict]) -> int:
+    return math.ceil(max(report._int(r["smem"]) for r in rows) / 1024)
+
+
+def _claims(entry, per_target: dict[str, list[dict]], kinds: set[str], correct: bool) -> dict[str, int | None]:
+    """{MMA kind or target: KB of shared memory, or None where it spills} of one entry."""
+    if not correct:  # from scratch: a kind is clean when none of its targets' rows fails
+        per_kind: dict[str, list[dict]] = {}
+        for name, rs in per_target.items():
+            per_kind.setdefault(devices.TARGETS[name].mma, []).extend(rs)
+        return {k: _kb(rs) for k, rs in per_kind.items() if not any(_failed(r) for r in rs)}
+    # Correcting: a failure on the kind's first target (the one its claim came from) takes the
+    # kind away, on another target only that target; a config over a smaller GPU's shared memory
+    # only raises the claim (the pruning then leaves it out there).
+    claims = {k: None if b is None else math.ceil(b / 1024) for k, b in entry.smem.items()}
+    for kind in kinds:
+        if claims.get(kind) is None:
+            continue
+        names = [t for t, tgt in devices.TARGETS.items() if tgt.mma == kind]
+        for name in names:
+            rs = per_target.get(name, [])
+            if not rs or claims.get(name, 0) is None:
+                continue
+            if any(_failed(r, fit=False) for r in rs):
+                if name == names[0]:
+                    claims = {k: v for k, v in claims.items() if k != kind and k not in names}
+                    break
+                claims[name] = None
+            else:
+                claims[kind] = max(claims[kind], _kb(rs))
+    return claims
+
+
+def _cell(claims: dict[str, int | None]) -> str:
+    kinds = [f"{_SHORT[k]}: {claims[k]}" for k in _SHORT if k in claims]
+    return ", ".join(kinds + [f"{t!r}: {claims[t]}" for t in devices.TARGETS if t in claims])
+
+
+def tables(rows: list[dict], kinds: set[str], correct: bool = False) -> str:
     found = evidence(rows, kinds)
     lines = []
     for table, (_, _, pool) in _TABLES.items():
@@ -61,13 +104,12 @@ def tables(rows: list[dict], kinds: set[str]) -> str:
         for key, entries in pool.items():
             lines.append(f"    ({key[0]}, {key[1]!r}): _pool({names}, [")
             for e in entries:
-                per_kind = found.get((table, key, config_label(e.config)), {})
-                clean = {k: math.ceil(max(report._int(r["smem"]) for r in rs) / 1024)
-                         for k, rs in per_kind.items() if not any(_failed(r) for r in rs)}
+                per_target = found.get((table, key, config_label(e.config)), {})
+                claims = _claims(e, per_target, kinds, correct)
                 meta = [*e.config.kwargs.values(), e.config.num_warps, e.config.num_stages]
-                cell = ", ".join(f"{_SHORT[k]}: {clean[k]}" for k in _SHORT if k in clean)
-                spilled = sorted(_SHORT[k] for k in per_kind if k not in clean)
-                lines.append(f"        ({', '.join(map(str, meta))}, {{{cell}}}),"
+                tried = kinds if correct else {devices.TARGETS[t].mma for t in per_target}
+                spilled = sorted(_SHORT[k] for k in tried if k in _SHORT and k not in claims)
+                lines.append(f"        ({', '.join(map(str, meta))}, {{{_cell(claims)}}}),"
                              + (f"  # not clean: {', '.join(spilled)}" if spilled else ""))
             lines.append("    ]),")
         lines.append("}")
@@ -78,9 +120,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.static.pools", description=__doc__.split("\n")[0])
     ap.add_argument("folders", nargs="+", help="output folders of `python -m benchmarks.static --all-configs`")
     ap.add_argument("--kinds", default="mma.sync,wgmma,tcgen05", help="the MMA kinds the pools may keep")
+    ap.add_argument("--correct", action="store_true",
+                    help="start from the package's pools; only remove failing kinds and raise shared memory")
     args = ap.parse_args(argv)
     rows = [r for folder in args.folders for r in report.read_rows(folder)]
-    sys.stdout.write(tables(rows, set(args.kinds.split(","))))
+    sys.stdout.write(tables(rows, set(args.kinds.split(",")), args.correct))
     return 0
 
 

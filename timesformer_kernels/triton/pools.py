@@ -12,6 +12,7 @@ every case, head dim and dtype of its class), and its largest shared memory ther
 
 Kinds: S = mma.sync (sm_80, sm_86, sm_89, sm_120: operands in registers), W = wgmma (sm_90),
 T = tcgen05 (sm_100). None is kept for MFMA (gfx942): ROCm is not offered (``tuning.ROCM``).
+A target's name overrides its kind: ``"sm_86": None`` where the entry spills there alone.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def key(block_d: int, dtype: torch.dtype, precision: str) -> tuple[int, int | st
 
 
 def _pool(names, rows) -> list[Entry]:
-    return entries(names, [(*row[:-1], {kind: kb * 1024 for kind, kb in row[-1].items()}) for row in rows])
+    return entries(names, [(*row[:-1], {kind: kb if kb is None else kb * 1024 for kind, kb in row[-1].items()})
+                           for row in rows])
 
 
 _MN = ("BLOCK_M", "BLOCK_N")

@@ -26,7 +26,14 @@ from ..devices import Target
 @dataclasses.dataclass(frozen=True)
 class Entry:
     config: triton.Config
-    smem: dict  # MMA kind it compiles without spilling for -> bytes of shared memory it takes there
+    # MMA kind it compiles without spilling for -> bytes of shared memory it takes there; a
+    # target's name overrides its kind, None where it spills on that target alone (ptxas
+    # allocates registers differently for sm_86 and sm_120 than for sm_80, all mma.sync).
+    smem: dict
+
+    def claim(self, target: Target) -> int | None:
+        """Bytes of shared memory on ``target`` where it compiles clean there, else None."""
+        return self.smem.get(target.name, self.smem.get(target.mma))
 
 
 def entries(names: tuple[str, ...], rows) -> list[Entry]:
@@ -62,12 +69,12 @@ def keep(kernel: str, pool: list[Entry], target: Target, dtype: torch.dtype, hea
         return [e.config for e in pool]
     if target.vendor == "hip":
         raise DoesNotFit(ROCM)
-    clean = [e for e in pool if target.mma in e.smem]
-    fits = [e.config for e in clean if e.smem[target.mma] <= target.smem_per_block]
+    clean = [e for e in pool if e.claim(target) is not None]
+    fits = [e.config for e in clean if e.claim(target) <= target.smem_per_block]
     if fits:
         return fits
     if clean:
-        need = min(e.smem[target.mma] for e in clean)
+        need = min(e.claim(target) for e in clean)
         why = f"its smallest config needs {need:,} B of shared memory"
     else:
         why = f"none of its {len(pool)} configs is known to compile without spilling for {target.mma}"
