@@ -581,12 +581,13 @@ def whole_group(groups: Groups, dtype: torch.dtype, device: torch.device) -> boo
     config of it that compiles clean and fits on the target (its pool: sm_90 and sm_100 in
     fp16/bf16; with mma.sync its operands stay in registers and spill, float32's three TF32
     products overflow registers and shared memory). The interpreter (CPU tensors) takes it in
-    every dtype, so that float32/64 tests check its maths."""
+    every dtype, so that float32/64 tests check its maths, unless ``compiling_for`` names a
+    target: then the choice is that GPU's (what benchmarks/static records)."""
     rows = groups.seq_len + int(groups.cls_query)
     if groups.head_dim > SHORT_HEAD_DIM or rows > GROUP_BWD_MAX_ROWS:
         return False
     tgt = target.current(device)
-    dtype = dtype if device.type == "cuda" else torch.bfloat16
+    dtype = dtype if device.type == "cuda" or target.forced() else torch.bfloat16
     named = dict(BLOCK_D=_block_d(groups), BLOCK_M=_group_rows_tile(rows), TARGET=tgt.key, HEAD_DIM=groups.head_dim,
                  DOT_PRECISION=target.dot_precision(dtype, tgt))
     try:
