@@ -160,3 +160,18 @@ def test_pool_correction_from_a_sweep():
     assert tuning.keep("k", [corrected], devices.TARGETS["sm_80"], torch.bfloat16, 64)
     with pytest.raises(DoesNotFit, match="sm_86"):
         tuning.keep("k", [corrected], devices.TARGETS["sm_86"], torch.bfloat16, 64)
+
+
+def test_pool_correction_of_a_masked_head_dim():
+    """A spill at a head dim below BLOCK_D (40 in the 64 class) only takes masked head dims away."""
+    from benchmarks.static import pools as generator
+    from timesformer_kernels import devices
+    from timesformer_kernels.triton import pools, tuning
+
+    entry = next(e for e in pools.SPATIAL_FWD[(64, 16)] if generator.config_label(e.config) == "M=128 N=128 w8 s3")
+    spill = {**_row("sm_90", 8, 1024), "head_dim": "40"}
+    claims = generator._claims(entry, {"sm_90": [spill, _row("sm_90", 0, 1024)]}, {"wgmma"}, correct=True)
+    assert claims["masked"] is None and claims["wgmma"] == entry.smem["wgmma"] // 1024
+    corrected = tuning.Entry(entry.config, {k: v if v is None else v * 1024 for k, v in claims.items()})
+    assert corrected.claim(devices.TARGETS["sm_90"], 40) is None
+    assert corrected.claim(devices.TARGETS["sm_90"], 64) == entry.smem["wgmma"]

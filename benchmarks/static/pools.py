@@ -72,6 +72,10 @@ def _claims(entry, per_target: dict[str, list[dict]], kinds: set[str], correct: 
     # kind away, on another target only that target; a config over a smaller GPU's shared memory
     # only raises the claim (the pruning then leaves it out there).
     claims = {k: None if b is None else math.ceil(b / 1024) for k, b in entry.smem.items()}
+    masked = {t: [r for r in rs if _masked(r)] for t, rs in per_target.items()}
+    if any(_failed(r, fit=False) for rs in masked.values() for r in rs):
+        claims["masked"] = None  # spills at a head dim below its BLOCK_D: judge the rest on the full ones
+        per_target = {t: [r for r in rs if not _masked(r)] for t, rs in per_target.items()}
     for kind in kinds:
         if claims.get(kind) is None:
             continue
@@ -90,9 +94,15 @@ def _claims(entry, per_target: dict[str, list[dict]], kinds: set[str], correct: 
     return claims
 
 
+def _masked(row: dict) -> bool:
+    """A head dim below its BLOCK_D (not a power of two): the kernels mask its columns."""
+    head_dim = int(row["head_dim"])
+    return bool(head_dim & (head_dim - 1))
+
+
 def _cell(claims: dict[str, int | None]) -> str:
     kinds = [f"{_SHORT[k]}: {claims[k]}" for k in _SHORT if k in claims]
-    return ", ".join(kinds + [f"{t!r}: {claims[t]}" for t in devices.TARGETS if t in claims])
+    return ", ".join(kinds + [f"{t!r}: {claims[t]}" for t in (*devices.TARGETS, "masked") if t in claims])
 
 
 def tables(rows: list[dict], kinds: set[str], correct: bool = False) -> str:

@@ -81,7 +81,7 @@ def max_seq(head_dim: int, dtype: torch.dtype, device: torch.device) -> int:
     tgt = target.current(device)
     block_d = max(16, triton.next_power_of_2(head_dim))
     precision = target.dot_precision(dtype, tgt)
-    memo = (tgt.key, block_d, dtype, precision)
+    memo = (tgt.key, block_d, head_dim, dtype, precision)
     if memo not in _max_seq:
         _max_seq[memo] = 0
         for t_pad in (MAX_SEQ >> i for i in range(MAX_SEQ.bit_length())):

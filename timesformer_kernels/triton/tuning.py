@@ -28,11 +28,15 @@ class Entry:
     config: triton.Config
     # MMA kind it compiles without spilling for -> bytes of shared memory it takes there; a
     # target's name overrides its kind, None where it spills on that target alone (ptxas
-    # allocates registers differently for sm_86 and sm_120 than for sm_80, all mma.sync).
+    # allocates registers differently for sm_86 and sm_120 than for sm_80, all mma.sync);
+    # "masked": None where it spills at head dims below its BLOCK_D (40 in 64, 80 in 128).
     smem: dict
 
-    def claim(self, target: Target) -> int | None:
-        """Bytes of shared memory on ``target`` where it compiles clean there, else None."""
+    def claim(self, target: Target, head_dim: int = 0) -> int | None:
+        """Bytes of shared memory on ``target`` where it compiles clean there at ``head_dim``,
+        else None."""
+        if head_dim & (head_dim - 1) and "masked" in self.smem:
+            return None
         return self.smem.get(target.name, self.smem.get(target.mma))
 
 
@@ -69,12 +73,12 @@ def keep(kernel: str, pool: list[Entry], target: Target, dtype: torch.dtype, hea
         return [e.config for e in pool]
     if target.vendor == "hip":
         raise DoesNotFit(ROCM)
-    clean = [e for e in pool if e.claim(target) is not None]
-    fits = [e.config for e in clean if e.claim(target) <= target.smem_per_block]
+    clean = [e for e in pool if e.claim(target, head_dim) is not None]
+    fits = [e.config for e in clean if e.claim(target, head_dim) <= target.smem_per_block]
     if fits:
         return fits
     if clean:
-        need = min(e.claim(target) for e in clean)
+        need = min(e.claim(target, head_dim) for e in clean)
         why = f"its smallest config needs {need:,} B of shared memory"
     else:
         why = f"none of its {len(pool)} configs is known to compile without spilling for {target.mma}"
