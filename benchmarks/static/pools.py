@@ -20,7 +20,7 @@ import math
 import sys
 
 from timesformer_kernels import devices
-from timesformer_kernels.triton import pools, spatial, temporal
+from timesformer_kernels.triton import pools, spatial, temporal, tuning
 
 from . import aot, report
 from .sweep import NO_FIT, config_label
@@ -72,10 +72,10 @@ def _claims(entry, per_target: dict[str, list[dict]], kinds: set[str], correct: 
     # kind away, on another target only that target; a config over a smaller GPU's shared memory
     # only raises the claim (the pruning then leaves it out there).
     claims = {k: None if b is None else math.ceil(b / 1024) for k, b in entry.smem.items()}
-    masked = {t: [r for r in rs if _masked(r)] for t, rs in per_target.items()}
+    masked = {t: [r for r in rs if tuning.masked(int(r["head_dim"]))] for t, rs in per_target.items()}
     if any(_failed(r, fit=False) for rs in masked.values() for r in rs):
         claims["masked"] = None  # spills at a head dim below its BLOCK_D: judge the rest on the full ones
-        per_target = {t: [r for r in rs if not _masked(r)] for t, rs in per_target.items()}
+        per_target = {t: [r for r in rs if not tuning.masked(int(r["head_dim"]))] for t, rs in per_target.items()}
     for kind in kinds:
         if claims.get(kind) is None:
             continue
@@ -92,12 +92,6 @@ def _claims(entry, per_target: dict[str, list[dict]], kinds: set[str], correct: 
             else:
                 claims[kind] = max(claims[kind], _kb(rs))
     return claims
-
-
-def _masked(row: dict) -> bool:
-    """A head dim below its BLOCK_D (not a power of two): the kernels mask its columns."""
-    head_dim = int(row["head_dim"])
-    return bool(head_dim & (head_dim - 1))
 
 
 def _cell(claims: dict[str, int | None]) -> str:

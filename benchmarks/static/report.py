@@ -81,8 +81,9 @@ def pool_smem(row: dict) -> int | None:
     torch.set_float32_matmul_precision(saved)
     block_d = max(16, 1 << (_int(row["head_dim"]) - 1).bit_length())
     for entry in module._POOLS[kind].get(pools.key(block_d, dtype, precision), []):
-        if sweep_label(entry.config) == row["config"] and entry.claim(tgt, _int(row["head_dim"])) is not None:
-            return entry.claim(tgt, _int(row["head_dim"]))
+        claim = entry.claim(tgt, _int(row["head_dim"]))
+        if sweep_label(entry.config) == row["config"] and claim is not None:
+            return claim
     return None
 
 

@@ -612,7 +612,7 @@ def plan(groups: Groups, dtype: torch.dtype, device: torch.device, backward: boo
     a CPU tensor under compiling_for, see whole_group)."""
     named = _constexprs(groups, dtype, device)
     kinds = [("fwd", named)]
-    if backward and whole_group(groups, dtype, torch.device("cuda") if target.forced() else device):
+    if backward and whole_group(groups, dtype, device):
         kinds.append(("group", {**named, "BLOCK_M": _group_rows_tile(groups.seq_len + int(groups.cls_query))}))
     elif backward:
         kinds += [("dq", named), ("dkdv", named)]

@@ -35,9 +35,14 @@ class Entry:
     def claim(self, target: Target, head_dim: int = 0) -> int | None:
         """Bytes of shared memory on ``target`` where it compiles clean there at ``head_dim``,
         else None."""
-        if head_dim & (head_dim - 1) and "masked" in self.smem:
+        if masked(head_dim) and "masked" in self.smem:
             return None
         return self.smem.get(target.name, self.smem.get(target.mma))
+
+
+def masked(head_dim: int) -> bool:
+    """A head dim below its BLOCK_D (not a power of two): the kernels mask its columns."""
+    return bool(head_dim & (head_dim - 1))
 
 
 def entries(names: tuple[str, ...], rows) -> list[Entry]:
@@ -73,12 +78,12 @@ def keep(kernel: str, pool: list[Entry], target: Target, dtype: torch.dtype, hea
         return [e.config for e in pool]
     if target.vendor == "hip":
         raise DoesNotFit(ROCM)
-    clean = [e for e in pool if e.claim(target, head_dim) is not None]
-    fits = [e.config for e in clean if e.claim(target, head_dim) <= target.smem_per_block]
+    clean = [(e.config, claim) for e in pool if (claim := e.claim(target, head_dim)) is not None]
+    fits = [config for config, claim in clean if claim <= target.smem_per_block]
     if fits:
         return fits
     if clean:
-        need = min(e.claim(target, head_dim) for e in clean)
+        need = min(claim for _, claim in clean)
         why = f"its smallest config needs {need:,} B of shared memory"
     else:
         why = f"none of its {len(pool)} configs is known to compile without spilling for {target.mma}"
