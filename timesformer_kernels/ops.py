@@ -99,13 +99,15 @@ def _reference_grad(qkv: Tensor, groups: Groups, scale: float, douts: tuple) -> 
         return torch.autograd.grad([o for o, _ in pairs], x, [d for _, d in pairs])[0]
 
 
-def _or_reference(run, backend: str, qkv: Tensor, groups: Groups, scale: float, douts: tuple) -> Tensor:
+def _or_reference(run, backend: str, qkv: Tensor, groups_of, scale: float, douts: tuple) -> Tensor:
     """``run()``, the compiled backward; if it runs out of resources at launch (its fit was
     predicted, and the forward ran), the torch backend's gradient instead, with a warning. The
-    failure is noted, so that ``auto`` passes that backend over for such calls from then on."""
+    failure is noted, so that ``auto`` passes that backend over for such calls from then on.
+    ``groups_of()`` gives the call's groups, built only then."""
     try:
         return run()
     except backends.DoesNotFit as e:
+        groups = groups_of()
         backends.note_failure(backend, qkv, groups, e)
         warnings.warn(f"timesformer_kernels: {e}; this gradient was computed by the torch backend instead")
         return _reference_grad(qkv, groups, scale, douts)
@@ -114,9 +116,8 @@ def _or_reference(run, backend: str, qkv: Tensor, groups: Groups, scale: float, 
 def _temporal_backward(ctx, dout, _dlse):
     qkv, out, lse = ctx.saved_tensors
     num_frames, num_heads, scale, token_order, with_cls, backend = ctx.args
-    groups = _temporal(qkv, num_frames, num_heads, token_order, with_cls)
-    dqkv = _or_reference(lambda: _temporal_bwd_op(dout, qkv, out, lse, *ctx.args), backend, qkv, groups, scale,
-                         (dout,))
+    dqkv = _or_reference(lambda: _temporal_bwd_op(dout, qkv, out, lse, *ctx.args), backend, qkv,
+                         lambda: _temporal(qkv, num_frames, num_heads, token_order, with_cls), scale, (dout,))
     return dqkv, None, None, None, None, None, None
 
 
@@ -168,9 +169,8 @@ def _spatial_backward(ctx, dout, dcls_out, _dlse, _dcls_lse):
     if dcls_out is None:
         dcls_out = torch.zeros_like(cls_out)
     num_frames, num_heads, scale, token_order, backend = ctx.args
-    groups = _spatial(qkv, num_frames, num_heads, token_order)
     dqkv = _or_reference(lambda: _spatial_bwd_op(dout, dcls_out, qkv, out, cls_out, lse, cls_lse, *ctx.args), backend,
-                         qkv, groups, scale, (dout, dcls_out))
+                         qkv, lambda: _spatial(qkv, num_frames, num_heads, token_order), scale, (dout, dcls_out))
     return dqkv, None, None, None, None, None
 
 
